@@ -1,0 +1,117 @@
+"""Server configuration: defaults < TOML file < environment (VDIT_*) < command-line options."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(Exception):
+    """A configuration value that cannot be used; the message names the key."""
+
+
+@dataclass
+class Config:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    state_dir: Path = Path("./data")
+    database_url: str = ""  # empty: SQLite file in the state dir
+    advertise_url: str = ""  # empty: http://HOST:PORT
+    name_label: str = field(default_factory=socket.gethostname)
+    log_format: str = "logfmt"
+    log_level: str = "info"
+    session_ttl: int = 24 * 3600  # seconds a session (JWT) is valid
+    task_ttl: int = 24 * 3600  # seconds a finished task is kept before garbage collection
+    task_gc_interval: int = 60
+    heartbeat_interval: int = 10
+    admin_password: str = ""  # for the first start only; generated and logged once if empty
+    shutdown_timeout: float = 10.0  # seconds in-flight requests get on SIGTERM before they fail
+    config: Path | None = None
+
+    @property
+    def database(self) -> str:
+        return self.database_url or f"sqlite:///{(self.state_dir / 'state.db').resolve()}"
+
+    @property
+    def advertise(self) -> str:
+        if self.advertise_url:
+            return self.advertise_url.rstrip("/")
+        host = self.host if self.host not in ("0.0.0.0", "::", "") else socket.gethostname()
+        if ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{self.port}"
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+
+
+def _coerce(name: str, value: Any) -> Any:
+    kind = FIELDS[name].type
+    try:
+        if kind == "int":
+            return int(value)
+        if kind == "float":
+            return float(value)
+        if kind in ("Path", "Path | None"):
+            return Path(value).expanduser() if value not in (None, "") else None
+        return str(value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{name}: {value!r} is not a valid {kind}") from exc
+
+
+def load(cli: dict[str, Any] | None = None, env: dict[str, str] | None = None) -> Config:
+    """Merge the sources; `cli` holds only options the user gave (None means not given)."""
+    cli = {k: v for k, v in (cli or {}).items() if v is not None}
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+
+    config_path = cli.get("config") or env.get("VDIT_CONFIG")
+    if config_path:
+        path = Path(config_path).expanduser()
+        try:
+            with path.open("rb") as f:
+                data = tomllib.load(f)
+        except OSError as exc:
+            raise ConfigError(f"config: cannot read {path}: {exc.strerror}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config: {path} is not valid TOML: {exc}") from exc
+        for key, value in data.items():
+            name = key.replace("-", "_")
+            if name not in FIELDS or name == "config":
+                raise ConfigError(f"config: unknown key {key!r} in {path}")
+            values[name] = value
+        values["config"] = path
+
+    for name in FIELDS:
+        env_value = env.get(f"VDIT_{name.upper()}")
+        if env_value is not None and name != "config":
+            values[name] = env_value
+
+    values.update({k.replace("-", "_"): v for k, v in cli.items()})
+    unknown = set(values) - set(FIELDS)
+    if unknown:
+        raise ConfigError(f"unknown option(s): {', '.join(sorted(unknown))}")
+    cfg = Config(**{k: _coerce(k, v) for k, v in values.items()})
+    _validate(cfg)
+    return cfg
+
+
+def _validate(cfg: Config) -> None:
+    if not 0 <= cfg.port <= 65535:
+        raise ConfigError(f"port: {cfg.port} is outside 0-65535")
+    if cfg.log_format not in ("logfmt", "json"):
+        raise ConfigError(f"log_format: {cfg.log_format!r} is not logfmt or json")
+    if cfg.log_level.lower() not in ("debug", "info", "warning", "error"):
+        raise ConfigError(f"log_level: {cfg.log_level!r} is not debug, info, warning or error")
+    for name in ("session_ttl", "task_ttl", "task_gc_interval", "heartbeat_interval"):
+        if getattr(cfg, name) <= 0:
+            raise ConfigError(f"{name}: must be a positive number of seconds")
+    if cfg.database_url and not cfg.database_url.startswith(
+        ("sqlite:", "postgresql:", "postgres:")
+    ):
+        raise ConfigError(f"database_url: {cfg.database_url!r} is not sqlite:/// or postgresql://")

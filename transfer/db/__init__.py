@@ -1,0 +1,27 @@
+"""The state store: one small async SQL interface, implemented for SQLite (embedded default).
+
+Queries are written once in portable SQL with ``?`` placeholders; each backend adapts them.
+A PostgreSQL backend plugs in behind the same interface (see `open_database`).
+"""
+
+from __future__ import annotations
+
+from transfer.db.base import Database, Row
+from transfer.db.schema import migrate
+
+
+async def open_database(url: str) -> Database:
+    """Open the database named by `url` and bring its schema up to date."""
+    if url.startswith("sqlite:///"):
+        from transfer.db.sqlite import SQLiteDatabase
+
+        db: Database = await SQLiteDatabase.open(url.removeprefix("sqlite:///"))
+    elif url.startswith(("postgresql://", "postgres://")):
+        raise NotImplementedError("PostgreSQL pools are not implemented yet")
+    else:
+        raise ValueError(f"unsupported database URL {url!r}")
+    await migrate(db)
+    return db
+
+
+__all__ = ["Database", "Row", "open_database"]

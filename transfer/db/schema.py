@@ -1,0 +1,102 @@
+"""Schema migrations, written once in SQL that SQLite and PostgreSQL both accept.
+
+Each migration is a numbered list of statements applied in one transaction; the applied
+versions are recorded in `schema_migrations`. Append new migrations; never edit applied ones.
+Types are chosen to mean the same in both: TEXT, BIGINT, INTEGER (0/1 booleans),
+DOUBLE PRECISION (UNIX timestamps in seconds).
+"""
+
+from __future__ import annotations
+
+import time
+
+from transfer.db.base import Database
+
+MIGRATIONS: list[tuple[int, list[str]]] = [
+    (
+        1,
+        [
+            """CREATE TABLE hosts (
+                uuid TEXT PRIMARY KEY,
+                name_label TEXT NOT NULL,
+                address TEXT NOT NULL,
+                heartbeat DOUBLE PRECISION NOT NULL,
+                created DOUBLE PRECISION NOT NULL)""",
+            """CREATE TABLE srs (
+                uuid TEXT PRIMARY KEY,
+                ref TEXT NOT NULL UNIQUE,
+                name_label TEXT NOT NULL,
+                type TEXT NOT NULL,
+                shared INTEGER NOT NULL DEFAULT 0,
+                host TEXT,
+                path TEXT NOT NULL,
+                supported_image_formats TEXT NOT NULL,
+                default_image_format TEXT NOT NULL,
+                created DOUBLE PRECISION NOT NULL)""",
+            """CREATE TABLE vdis (
+                uuid TEXT PRIMARY KEY,
+                ref TEXT NOT NULL UNIQUE,
+                name_label TEXT NOT NULL,
+                sr TEXT NOT NULL REFERENCES srs(uuid),
+                virtual_size BIGINT NOT NULL,
+                image_format TEXT NOT NULL,
+                read_only INTEGER NOT NULL DEFAULT 0,
+                is_a_snapshot INTEGER NOT NULL DEFAULT 0,
+                snapshot_of TEXT,
+                parent TEXT,
+                path TEXT NOT NULL,
+                generation BIGINT NOT NULL DEFAULT 0,
+                locked_by TEXT,
+                created DOUBLE PRECISION NOT NULL)""",
+            "CREATE INDEX vdis_sr ON vdis(sr)",
+            """CREATE TABLE tasks (
+                uuid TEXT PRIMARY KEY,
+                ref TEXT NOT NULL UNIQUE,
+                name_label TEXT NOT NULL,
+                status TEXT NOT NULL,
+                progress DOUBLE PRECISION NOT NULL DEFAULT 0,
+                created DOUBLE PRECISION NOT NULL,
+                finished DOUBLE PRECISION,
+                result TEXT,
+                error_info TEXT NOT NULL DEFAULT '[]',
+                bytes_transferred BIGINT NOT NULL DEFAULT 0,
+                owner TEXT,
+                host TEXT,
+                vdi TEXT,
+                running INTEGER NOT NULL DEFAULT 0)""",
+            "CREATE INDEX tasks_status ON tasks(status, finished)",
+            """CREATE TABLE users (
+                username TEXT PRIMARY KEY,
+                password_hash TEXT NOT NULL,
+                role TEXT NOT NULL,
+                created DOUBLE PRECISION NOT NULL)""",
+            """CREATE TABLE revoked_sessions (
+                jti TEXT PRIMARY KEY,
+                expires DOUBLE PRECISION NOT NULL)""",
+        ],
+    ),
+]
+
+
+async def migrate(db: Database) -> int:
+    """Apply the migrations this database lacks; return the schema version now in force."""
+    await db.execute(
+        "CREATE TABLE IF NOT EXISTS schema_migrations ("
+        "version INTEGER PRIMARY KEY, applied DOUBLE PRECISION NOT NULL)"
+    )
+    current = 0
+    for version, statements in MIGRATIONS:
+        async with db.transaction() as tx:
+            # Re-checked inside the transaction: another host or CLI may have just applied it.
+            if await tx.fetchone("SELECT 1 FROM schema_migrations WHERE version = ?", version):
+                current = version
+                continue
+            for sql in statements:
+                await tx.execute(sql)
+            await tx.execute(
+                "INSERT INTO schema_migrations (version, applied) VALUES (?, ?)",
+                version,
+                time.time(),
+            )
+            current = version
+    return current
