@@ -1,0 +1,1 @@
+"""Users, password hashing, sessions, tickets and the HTTP authentication middleware."""

@@ -1,0 +1,183 @@
+"""Who is calling, and may they? The authentication middleware and per-handler role marks.
+
+Credentials are looked for in this order: the Authorization header (Basic or Bearer), the
+`session_id` query parameter, the `session_id` cookie. The first one present decides: a bad
+one is not silently replaced by a later one. Handlers declare the role they need with
+`@requires(role)`, or `@public`; an undeclared handler needs admin, so forgetting is safe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hashlib
+import hmac
+import os
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from auth.passwords import DUMMY_HASH, verify_password
+from auth.roles import allows
+from auth.sessions import SessionSigner
+from auth.users import UserStore
+from transfer.db import Database
+from transfer.errors import ApiError
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+REALM = 'Basic realm="vdi-transfer"'
+
+
+@dataclass(frozen=True)
+class Principal:
+    username: str
+    role: str
+    via: str  # "basic" | "session"
+    session_jti: str | None = None
+
+
+def requires(role: str) -> Callable[[Handler], Handler]:
+    def mark(handler: Handler) -> Handler:
+        handler.required_role = role  # type: ignore[attr-defined]
+        return handler
+
+    return mark
+
+
+def public(handler: Handler) -> Handler:
+    handler.required_role = None  # type: ignore[attr-defined]
+    return handler
+
+
+class _VerifiedCache:
+    """Remembers recent successful Basic logins so each request does not pay for scrypt.
+
+    Keyed by user; holds a keyed digest of the password (never the password) and the stored
+    hash it was checked against, so a password change anywhere in the pool invalidates it.
+    """
+
+    def __init__(self, size: int = 1024, ttl: float = 300.0):
+        self._key = os.urandom(32)
+        self._entries: OrderedDict[str, tuple[bytes, str, float]] = OrderedDict()
+        self._size = size
+        self._ttl = ttl
+
+    def _digest(self, username: str, password: str) -> bytes:
+        return hmac.new(self._key, f"{username}\0{password}".encode(), hashlib.sha256).digest()
+
+    def hit(self, username: str, password: str, stored_hash: str) -> bool:
+        entry = self._entries.get(username)
+        if entry is None or entry[2] < time.monotonic() or entry[1] != stored_hash:
+            return False
+        return hmac.compare_digest(entry[0], self._digest(username, password))
+
+    def add(self, username: str, password: str, stored_hash: str) -> None:
+        self._entries[username] = (
+            self._digest(username, password),
+            stored_hash,
+            time.monotonic() + self._ttl,
+        )
+        self._entries.move_to_end(username)
+        while len(self._entries) > self._size:
+            self._entries.popitem(last=False)
+
+
+class Authenticator:
+    def __init__(self, db: Database, users: UserStore, signer: SessionSigner):
+        self.db = db
+        self.users = users
+        self.signer = signer
+        self._cache = _VerifiedCache()
+
+    async def check_password(self, username: str, password: str) -> Principal:
+        """SESSION_AUTHENTICATION_FAILED unless the user exists and the password matches."""
+        user = await self.users.get(username)
+        stored = user["password_hash"] if user else DUMMY_HASH
+        if user and self._cache.hit(username, password, stored):
+            return Principal(username, user["role"], "basic")
+        loop = asyncio.get_running_loop()
+        ok = await loop.run_in_executor(None, verify_password, password, stored)
+        if not (ok and user):
+            raise ApiError("SESSION_AUTHENTICATION_FAILED", "wrong user name or password", username)
+        self._cache.add(username, password, stored)
+        return Principal(username, user["role"], "basic")
+
+    async def check_session(self, token: str) -> Principal:
+        session = self.signer.verify(token)
+        if await self.db.fetchone("SELECT 1 FROM revoked_sessions WHERE jti = ?", session.jti):
+            raise ApiError("SESSION_INVALID", "the session has been logged out")
+        user = await self.users.get(session.username)
+        if user is None:
+            raise ApiError("SESSION_INVALID", "the session's user no longer exists")
+        return Principal(session.username, user["role"], "session", session.jti)
+
+    async def revoke(self, token: str) -> None:
+        session = self.signer.verify(token)
+        await self.db.execute(
+            "INSERT INTO revoked_sessions (jti, expires) VALUES (?, ?) "
+            "ON CONFLICT (jti) DO NOTHING",
+            session.jti,
+            session.expires,
+        )
+
+    async def authenticate(self, request: web.Request) -> Principal:
+        header = request.headers.get("Authorization")
+        if header:
+            scheme, _, value = header.partition(" ")
+            scheme = scheme.lower()
+            if scheme == "basic":
+                username, password = _parse_basic(value.strip())
+                return await self.check_password(username, password)
+            if scheme == "bearer" and value.strip():
+                return await self.check_session(value.strip())
+            raise ApiError(
+                "SESSION_INVALID", "unsupported Authorization scheme; use Basic or Bearer"
+            )
+        token = session_token(request)
+        if token:
+            return await self.check_session(token)
+        raise ApiError("SESSION_INVALID", "authentication required: Basic auth or a session_id")
+
+
+def session_token(request: web.Request) -> str | None:
+    """The session id the request carries outside the Authorization header, if any."""
+    return request.query.get("session_id") or request.cookies.get("session_id") or None
+
+
+def _parse_basic(value: str) -> tuple[str, str]:
+    try:
+        decoded = base64.b64decode(value, validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError):
+        raise ApiError("SESSION_AUTHENTICATION_FAILED", "malformed Basic credentials") from None
+    username, sep, password = decoded.partition(":")
+    if not sep:
+        raise ApiError("SESSION_AUTHENTICATION_FAILED", "malformed Basic credentials")
+    return username, password
+
+
+def middleware(authenticator_of: Callable[[web.Request], Authenticator]):
+    """The middleware; `authenticator_of` finds the Authenticator for a request's app."""
+
+    @web.middleware
+    async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.match_info.http_exception is not None:
+            return await handler(request)  # no such route or method: say so, whoever asks
+        required = getattr(request.match_info.handler, "required_role", "admin")
+        if required is None:
+            return await handler(request)
+        principal = await authenticator_of(request).authenticate(request)
+        request["principal"] = principal
+        request["log"]["user"] = principal.username
+        if not allows(principal.role, required):
+            raise ApiError(
+                "PERMISSION_DENIED",
+                f"this needs the {required} role; user {principal.username!r} is {principal.role}",
+                required,
+            )
+        return await handler(request)
+
+    return authenticate

@@ -1,0 +1,83 @@
+"""Sessions are JWTs (HS256) signed with the pool secret; revocation is a table of ids.
+
+A JWT carries who and until when, so any host holding the secret can check it without a
+database round trip; the revocation list (checked on every use) makes logout immediate.
+Only HS256 is accepted: tokens with "alg": "none" or any other algorithm are rejected.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import stat
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import jwt
+
+from transfer.errors import ApiError
+
+ALGORITHM = "HS256"
+SECRET_FILE = "pool-secret"
+
+
+def load_or_create_secret(state_dir: Path) -> bytes:
+    """The signing key, kept in the state dir readable by the owner only (0600)."""
+    path = state_dir / SECRET_FILE
+    state_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        mode = stat.S_IMODE(path.stat().st_mode)
+        if mode & 0o077:
+            os.chmod(path, 0o600)
+        secret = bytes.fromhex(path.read_text().strip())
+        if len(secret) < 32:
+            raise ValueError(f"{path}: the pool secret is shorter than 32 bytes") from None
+        return secret
+    secret = secrets.token_bytes(32)
+    with os.fdopen(fd, "w") as f:
+        f.write(secret.hex() + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    return secret
+
+
+@dataclass(frozen=True)
+class Session:
+    token: str
+    jti: str
+    username: str
+    expires: float
+
+
+class SessionSigner:
+    def __init__(self, secret: bytes, ttl: int):
+        self._secret = secret
+        self.ttl = ttl
+
+    def issue(self, username: str) -> Session:
+        now = int(time.time())
+        jti = str(uuid.uuid4())
+        claims = {"typ": "session", "sub": username, "jti": jti, "iat": now, "exp": now + self.ttl}
+        token = jwt.encode(claims, self._secret, algorithm=ALGORITHM)
+        return Session(token, jti, username, float(claims["exp"]))
+
+    def verify(self, token: str) -> Session:
+        """The session a token stands for; SESSION_INVALID if forged, malformed or expired."""
+        try:
+            claims = jwt.decode(
+                token,
+                self._secret,
+                algorithms=[ALGORITHM],
+                options={"require": ["exp", "iat", "sub", "jti", "typ"]},
+            )
+        except jwt.ExpiredSignatureError:
+            raise ApiError("SESSION_INVALID", "the session has expired") from None
+        except jwt.InvalidTokenError:
+            raise ApiError("SESSION_INVALID", "the session id is not valid") from None
+        if claims["typ"] != "session" or not isinstance(claims["sub"], str):
+            raise ApiError("SESSION_INVALID", "the session id is not valid")
+        return Session(token, str(claims["jti"]), claims["sub"], float(claims["exp"]))
