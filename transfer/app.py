@@ -1,0 +1,189 @@
+"""Assemble one host: open the state, register the host, bootstrap, wire routes and
+middlewares, run housekeeping in the background, and tear it all down in order."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
+
+from auth import middleware as auth_middleware
+from auth.middleware import Authenticator
+from auth.sessions import SessionSigner, load_or_create_secret
+from auth.users import UserStore
+from transfer import __version__
+from transfer.config import Config
+from transfer.db import open_database
+from transfer.errors import ApiError
+from transfer.handlers import records, session, users
+from transfer.handlers.common import json_response
+from transfer.hosts import HostService, load_or_create_host_uuid
+from transfer.logs import event, redact_query
+from transfer.services import SERVICES, Services
+from transfer.srs import SrService
+from transfer.tasks import SHUTTING_DOWN, TaskManager
+from transfer.vdis import VdiService
+
+log = logging.getLogger("vdi_transfer")
+access_log = logging.getLogger("vdi_transfer.access")
+
+HTTP_ERROR_CODES = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED", 413: "BAD_REQUEST"}
+
+
+@web.middleware
+async def errors_as_json(request: web.Request, handler) -> web.StreamResponse:
+    """Every error leaves as JSON {error, message, params} with the contract's status."""
+    request["log"] = {}
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        headers = {}
+        if exc.status == 401:
+            headers["WWW-Authenticate"] = auth_middleware.REALM
+        request["log"]["error"] = exc.code
+        return json_response(exc.to_json(), status=exc.status, headers=headers)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = HTTP_ERROR_CODES.get(exc.status, "BAD_REQUEST")
+        headers = {k: v for k, v in exc.headers.items() if k.lower() == "allow"}
+        body = {"error": code, "message": exc.reason, "params": [request.path]}
+        return json_response(body, status=exc.status, headers=headers)
+    except (asyncio.CancelledError, ConnectionError):
+        raise
+    except Exception:
+        log.exception("unhandled error", extra={"fields": {"path": request.path}})
+        body = {"error": "INTERNAL_ERROR", "message": "internal server error", "params": []}
+        return json_response(body, status=500)
+
+
+class AccessLog(AbstractAccessLogger):
+    """One structured line per request, without credentials."""
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        fields = dict(request.get("log", {}))
+        event(
+            access_log,
+            "http.request",
+            method=request.method,
+            path=request.path,
+            query=redact_query(dict(request.query)) or None,
+            status=response.status,
+            bytes=response.body_length,
+            duration=time,
+            remote=request.remote,
+            **fields,
+        )
+
+
+async def _bootstrap_admin(svc: Services) -> None:
+    if await svc.users.count():
+        return
+    password = svc.config.admin_password
+    generated = not password
+    if generated:
+        password = secrets.token_urlsafe(18)
+    await svc.users.add("admin", password, "admin")
+    if generated:
+        # The contract: a generated first password is printed once, to the log.
+        event(
+            log,
+            "admin.created",
+            logging.WARNING,
+            user="admin",
+            password=password,
+            note="generated; change it with: vdi-transfer user passwd admin",
+        )
+    else:
+        event(log, "admin.created", user="admin", note="password from VDIT_ADMIN_PASSWORD")
+
+
+async def open_services(config: Config) -> Services:
+    config.state_dir.mkdir(parents=True, exist_ok=True)
+    db = await open_database(config.database)
+    host_uuid = load_or_create_host_uuid(config.state_dir)
+    user_store = UserStore(db)
+    signer = SessionSigner(load_or_create_secret(config.state_dir), config.session_ttl)
+    hosts = HostService(db, host_uuid, config.heartbeat_interval)
+    srs = SrService(db, host_uuid, config.state_dir)
+    return Services(
+        config=config,
+        db=db,
+        hosts=hosts,
+        srs=srs,
+        vdis=VdiService(db, srs),
+        tasks=TaskManager(db, host_uuid, config.task_ttl),
+        users=user_store,
+        auth=Authenticator(db, user_store, signer),
+    )
+
+
+async def _every(seconds: float, what: str, job: Callable[[], Awaitable[object]]) -> None:
+    while True:
+        await asyncio.sleep(seconds)
+        try:
+            await job()
+        except Exception:
+            log.exception(f"{what} failed")
+
+
+def create_app(config: Config) -> web.Application:
+    app = web.Application(
+        middlewares=[errors_as_json, auth_middleware.middleware(lambda r: r.app[SERVICES].auth)]
+    )
+
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        started = time.monotonic()
+        svc = await open_services(config)
+        app[SERVICES] = svc
+        await svc.hosts.register(config.name_label, config.advertise)
+        await svc.srs.ensure_local_sr()
+        await _bootstrap_admin(svc)
+        recovered = await svc.tasks.recover_after_restart()
+        await svc.tasks.collect_garbage()
+        loops = [
+            asyncio.create_task(
+                _every(config.heartbeat_interval, "heartbeat", svc.hosts.heartbeat)
+            ),
+            asyncio.create_task(
+                _every(config.task_gc_interval, "task gc", svc.tasks.collect_garbage)
+            ),
+        ]
+        event(
+            log,
+            "server.ready",
+            host=svc.hosts.uuid,
+            version=__version__,
+            database=svc.db.dialect,
+            recovered_tasks=recovered,
+            startup=time.monotonic() - started,
+        )
+        try:
+            yield
+        finally:
+            for task in loops:
+                task.cancel()
+            await asyncio.gather(*loops, return_exceptions=True)
+            await svc.tasks.abort_all(SHUTTING_DOWN)
+            await svc.db.close()
+            event(log, "server.stopped", host=svc.hosts.uuid)
+
+    async def on_shutdown(app: web.Application) -> None:
+        # From here on, a transfer that is stopped ends as a failure of the shutdown,
+        # not as a client's cancel.
+        svc = app.get(SERVICES)
+        if svc:
+            for transfer in svc.tasks.running.values():
+                transfer.abort_error = SHUTTING_DOWN
+
+    app.cleanup_ctx.append(lifecycle)
+    app.on_shutdown.append(on_shutdown)
+    app.add_routes(session.routes)
+    app.add_routes(users.routes)
+    app.add_routes(records.routes)
+    return app

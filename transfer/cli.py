@@ -1,0 +1,128 @@
+"""The `vdi-transfer` command: `serve`, and offline administration (`user ...`)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from transfer import __version__, logs
+from transfer.config import Config, ConfigError, load
+from transfer.errors import ApiError
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="TOML config file (env VDIT_CONFIG)")
+    parser.add_argument("--state-dir", type=Path, help="state directory (default ./data)")
+    parser.add_argument("--database-url", help="sqlite:///PATH or postgresql://... (pools)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vdi-transfer", description="Move virtual disks in and out of storage over HTTP."
+    )
+    parser.add_argument("--version", action="version", version=f"vdi-transfer {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the HTTP server")
+    _common(serve)
+    serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port to listen on (default 8080)")
+    serve.add_argument("--advertise-url", help="base URL other hosts redirect clients to")
+    serve.add_argument("--log-format", choices=["logfmt", "json"])
+    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+
+    user = sub.add_parser("user", help="manage users offline (the server may be running)")
+    user_sub = user.add_subparsers(dest="action", required=True)
+    add = user_sub.add_parser("add", help="create a user")
+    add.add_argument("username")
+    add.add_argument("--role", default="reader", choices=["admin", "operator", "reader"])
+    add.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
+    passwd = user_sub.add_parser("passwd", help="set a user's password")
+    passwd.add_argument("username")
+    passwd.add_argument(
+        "--password-stdin", action="store_true", help="read the password from stdin"
+    )
+    user_sub.add_parser("list", help="list users and their roles")
+    remove = user_sub.add_parser("remove", help="remove a user")
+    remove.add_argument("username")
+    for p in (add, passwd, user_sub.choices["list"], remove):
+        _common(p)
+    return parser
+
+
+def _read_password(from_stdin: bool) -> str:
+    if from_stdin or not sys.stdin.isatty():
+        return sys.stdin.readline().rstrip("\n")
+    first = getpass.getpass("Password: ")
+    if first != getpass.getpass("Again: "):
+        raise SystemExit("vdi-transfer: the passwords differ")
+    return first
+
+
+def _offline(config: Config, action: Callable[[Any], Awaitable[None]]) -> None:
+    from auth.users import UserStore
+    from transfer.db import open_database
+
+    async def go() -> None:
+        config.state_dir.mkdir(parents=True, exist_ok=True)
+        db = await open_database(config.database)
+        try:
+            await action(UserStore(db))
+        finally:
+            await db.close()
+
+    asyncio.run(go())
+
+
+def _user(args: argparse.Namespace, config: Config) -> None:
+    if args.action == "list":
+
+        async def show(users: Any) -> None:
+            for row in await users.list():
+                print(f"{row['username']}\t{row['role']}")
+
+        _offline(config, show)
+    elif args.action == "add":
+        password = _read_password(args.password_stdin)
+        _offline(config, lambda users: users.add(args.username, password, args.role))
+        print(f"user {args.username} added with role {args.role}")
+    elif args.action == "passwd":
+        password = _read_password(args.password_stdin)
+        _offline(config, lambda users: users.set_password(args.username, password))
+        print(f"password of {args.username} changed")
+    elif args.action == "remove":
+        _offline(config, lambda users: users.remove(args.username))
+        print(f"user {args.username} removed")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    options = {
+        k: v
+        for k, v in vars(args).items()
+        if k not in ("command", "action", "username", "role", "password_stdin")
+    }
+    try:
+        config = load(options)
+    except ConfigError as exc:
+        print(f"vdi-transfer: configuration error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        if args.command == "serve":
+            from transfer.server import serve
+
+            logs.setup(config.log_format, config.log_level)
+            serve(config)
+        elif args.command == "user":
+            _user(args, config)
+    except ApiError as exc:
+        print(f"vdi-transfer: {exc.code}: {exc.message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0

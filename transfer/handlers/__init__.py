@@ -1,0 +1,1 @@
+"""The HTTP edge: parse and check requests, call the services, render JSON. No storage logic."""

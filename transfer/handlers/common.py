@@ -1,0 +1,48 @@
+"""Helpers every handler uses: JSON in and out."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from aiohttp import web
+
+from transfer.errors import bad_request
+
+MAX_JSON_BODY = 1 << 20
+
+
+def json_response(data: Any, status: int = 200, **kwargs: Any) -> web.Response:
+    return web.Response(
+        text=json.dumps(data), status=status, content_type="application/json", **kwargs
+    )
+
+
+async def read_json(request: web.Request) -> dict:
+    """The request's JSON object body (any Content-Type: curl -d sends form-urlencoded)."""
+    if request.content_length is not None and request.content_length > MAX_JSON_BODY:
+        raise bad_request(f"the JSON body is larger than {MAX_JSON_BODY} bytes")
+    raw = await request.content.read(MAX_JSON_BODY + 1)
+    if len(raw) > MAX_JSON_BODY:
+        raise bad_request(f"the JSON body is larger than {MAX_JSON_BODY} bytes")
+    if not raw.strip():
+        return {}
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise bad_request(f"the body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise bad_request("the body must be a JSON object")
+    return data
+
+
+def field(data: dict, name: str, kind: type, default: Any = ..., *, required: bool = False) -> Any:
+    """A typed field of a JSON body; BAD_REQUEST naming the field if absent or mistyped."""
+    if name not in data or data[name] is None:
+        if required or default is ...:
+            raise bad_request(f"{name!r} is required", name)
+        return default
+    value = data[name]
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise bad_request(f"{name!r} must be a {kind.__name__}", name)
+    return value

@@ -1,0 +1,148 @@
+"""Hosts, SRs, VDIs and tasks as JSON records."""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiohttp import web
+
+from auth.middleware import requires
+from transfer.handlers.common import field, json_response, read_json
+from transfer.services import services
+from transfer.sizes import parse_size
+
+routes = web.RouteTableDef()
+
+
+# -- hosts ---------------------------------------------------------------------------------
+
+
+@routes.get("/hosts")
+@requires("reader")
+async def list_hosts(request: web.Request) -> web.Response:
+    hosts = services(request).hosts
+    return json_response([hosts.to_json(row) for row in await hosts.list()])
+
+
+@routes.get("/hosts/{uuid}")
+@requires("reader")
+async def get_host(request: web.Request) -> web.Response:
+    hosts = services(request).hosts
+    return json_response(hosts.to_json(await hosts.get(request.match_info["uuid"])))
+
+
+# -- SRs -----------------------------------------------------------------------------------
+
+
+@routes.get("/srs")
+@requires("reader")
+async def list_srs(request: web.Request) -> web.Response:
+    srs = services(request).srs
+    return json_response(await asyncio.gather(*(srs.to_json(r) for r in await srs.list())))
+
+
+@routes.get("/srs/{uuid}")
+@requires("reader")
+async def get_sr(request: web.Request) -> web.Response:
+    srs = services(request).srs
+    return json_response(await srs.to_json(await srs.get(request.match_info["uuid"])))
+
+
+# -- VDIs ----------------------------------------------------------------------------------
+
+
+@routes.get("/vdis")
+@requires("reader")
+async def list_vdis(request: web.Request) -> web.Response:
+    """All VDIs, or those of one SR with ?sr=."""
+    vdis = services(request).vdis
+    rows = await vdis.list(request.query.get("sr"))
+    return json_response([await vdis.to_json(row) for row in rows])
+
+
+@routes.get("/vdis/{uuid}")
+@requires("reader")
+async def get_vdi(request: web.Request) -> web.Response:
+    vdis = services(request).vdis
+    row = await vdis.get(request.match_info["uuid"])
+    request["log"]["vdi"] = row["uuid"]
+    return json_response(await vdis.to_json(row))
+
+
+@routes.post("/vdis")
+@requires("operator")
+async def create_vdi(request: web.Request) -> web.Response:
+    """JSON {sr?, name_label?, virtual_size, image_format?} -> 201 with the new record.
+    Without `sr`, the VDI goes to this host's local SR."""
+    svc = services(request)
+    body = await read_json(request)
+    sr_ident = field(body, "sr", str, None)
+    sr = await svc.srs.get(sr_ident) if sr_ident else await svc.srs.default()
+    if "virtual_size" not in body:
+        field(body, "virtual_size", int, required=True)
+    size = parse_size(body["virtual_size"], "virtual_size")
+    row = await svc.vdis.create(
+        sr,
+        field(body, "name_label", str, ""),
+        size,
+        field(body, "image_format", str, None),
+    )
+    request["log"]["vdi"] = row["uuid"]
+    return json_response(await svc.vdis.to_json(row), status=201)
+
+
+@routes.delete("/vdis/{uuid}")
+@requires("operator")
+async def delete_vdi(request: web.Request) -> web.Response:
+    row = await services(request).vdis.delete(request.match_info["uuid"])
+    request["log"]["vdi"] = row["uuid"]
+    return web.Response(status=204)
+
+
+# -- tasks ---------------------------------------------------------------------------------
+
+
+@routes.get("/tasks")
+@requires("reader")
+async def list_tasks(request: web.Request) -> web.Response:
+    tasks = services(request).tasks
+    return json_response([tasks.to_json(row) for row in await tasks.list()])
+
+
+@routes.get("/tasks/{uuid}")
+@requires("reader")
+async def get_task(request: web.Request) -> web.Response:
+    tasks = services(request).tasks
+    row = await tasks.get(request.match_info["uuid"])
+    request["log"]["task"] = row["uuid"]
+    return json_response(tasks.to_json(row))
+
+
+@routes.post("/tasks")
+@requires("operator")
+async def create_task(request: web.Request) -> web.Response:
+    """JSON {name_label} -> 201: a task to pass as task_id= to a later transfer."""
+    svc = services(request)
+    body = await read_json(request)
+    row = await svc.tasks.create(
+        field(body, "name_label", str, required=True), request["principal"].username
+    )
+    request["log"]["task"] = row["uuid"]
+    return json_response(svc.tasks.to_json(row), status=201)
+
+
+@routes.post("/tasks/{uuid}/cancel")
+@requires("operator")
+async def cancel_task(request: web.Request) -> web.Response:
+    tasks = services(request).tasks
+    row = await tasks.cancel(request.match_info["uuid"])
+    request["log"]["task"] = row["uuid"]
+    return json_response(tasks.to_json(row))
+
+
+@routes.delete("/tasks/{uuid}")
+@requires("operator")
+async def destroy_task(request: web.Request) -> web.Response:
+    request["log"]["task"] = request.match_info["uuid"]
+    await services(request).tasks.destroy(request.match_info["uuid"])
+    return web.Response(status=204)

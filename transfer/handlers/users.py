@@ -1,0 +1,60 @@
+"""User administration (admin only): /users."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from auth.middleware import requires
+from transfer.handlers.common import field, json_response, read_json
+from transfer.services import services
+
+routes = web.RouteTableDef()
+
+
+@routes.get("/users")
+@requires("admin")
+async def list_users(request: web.Request) -> web.Response:
+    return json_response(await services(request).users.list())
+
+
+@routes.get("/users/{username}")
+@requires("admin")
+async def get_user(request: web.Request) -> web.Response:
+    user = await services(request).users.require(request.match_info["username"])
+    return json_response({"username": user["username"], "role": user["role"]})
+
+
+@routes.post("/users")
+@requires("admin")
+async def add_user(request: web.Request) -> web.Response:
+    body = await read_json(request)
+    username = field(body, "username", str, required=True)
+    password = field(body, "password", str, required=True)
+    role = field(body, "role", str, "reader")
+    await services(request).users.add(username, password, role)
+    return json_response({"username": username, "role": role}, status=201)
+
+
+@routes.patch("/users/{username}")
+@requires("admin")
+async def change_user(request: web.Request) -> web.Response:
+    """Change a user's password and/or role: JSON {password?, role?}."""
+    svc = services(request)
+    name = request.match_info["username"]
+    await svc.users.require(name)
+    body = await read_json(request)
+    password = field(body, "password", str, None)
+    role = field(body, "role", str, None)
+    if role is not None:
+        await svc.users.set_role(name, role)
+    if password is not None:
+        await svc.users.set_password(name, password)
+    user = await svc.users.require(name)
+    return json_response({"username": user["username"], "role": user["role"]})
+
+
+@routes.delete("/users/{username}")
+@requires("admin")
+async def remove_user(request: web.Request) -> web.Response:
+    await services(request).users.remove(request.match_info["username"])
+    return web.Response(status=204)

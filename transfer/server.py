@@ -1,0 +1,43 @@
+"""Run the server: uvloop, one listening socket, graceful stop on SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+import uvloop
+from aiohttp import web
+
+from transfer.app import AccessLog, create_app
+from transfer.config import Config
+from transfer.logs import event
+
+log = logging.getLogger("vdi_transfer")
+
+
+async def _serve(config: Config) -> None:
+    app = create_app(config)
+    runner = web.AppRunner(app, access_log_class=AccessLog, handle_signals=False)
+    await runner.setup()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        site = web.TCPSite(
+            runner, config.host, config.port, shutdown_timeout=config.shutdown_timeout
+        )
+        await site.start()
+        for address in runner.addresses:
+            host, port = address[0], address[1]
+            event(log, "server.listening", url=f"http://{host}:{port}", advertise=config.advertise)
+        await stop.wait()
+        event(log, "server.stopping", reason="signal")
+    finally:
+        await runner.cleanup()
+
+
+def serve(config: Config) -> None:
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(_serve(config))

@@ -1,0 +1,35 @@
+"""The services one running host is made of, shared by the handlers through the app."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from auth.middleware import Authenticator
+from auth.users import UserStore
+from transfer.config import Config
+from transfer.db import Database
+from transfer.hosts import HostService
+from transfer.srs import SrService
+from transfer.tasks import TaskManager
+from transfer.vdis import VdiService
+
+
+@dataclass
+class Services:
+    config: Config
+    db: Database
+    hosts: HostService
+    srs: SrService
+    vdis: VdiService
+    tasks: TaskManager
+    users: UserStore
+    auth: Authenticator
+
+
+SERVICES = web.AppKey("services", Services)
+
+
+def services(request: web.Request) -> Services:
+    return request.app[SERVICES]

@@ -1,0 +1,71 @@
+"""Files of a local SR: sparse creation, removal, allocation. Blocking calls; run them in a
+thread (`in_thread`) so the event loop never waits on the disk."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+async def in_thread(fn: Callable[..., T], *args: object) -> T:
+    return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def ensure_sr_dir(path: Path) -> None:
+    path.mkdir(parents=True, exist_ok=True, mode=0o750)
+
+
+def create_sparse(path: Path, size: int) -> None:
+    """A new file of `size` bytes with no blocks allocated; durable when this returns."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+    try:
+        os.ftruncate(fd, size)
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        path.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+    fsync_dir(path.parent)
+
+
+def remove(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return
+    fsync_dir(path.parent)
+
+
+def allocated_bytes(path: Path) -> int:
+    """Bytes the file really occupies on disk (holes do not count); 0 if it is missing."""
+    try:
+        return os.stat(path).st_blocks * 512
+    except FileNotFoundError:
+        return 0
+
+
+def filesystem_size(path: Path) -> tuple[int, int]:
+    """(total, used) bytes of the filesystem holding `path`."""
+    try:
+        st = os.statvfs(path)
+    except OSError as exc:
+        if exc.errno == errno.ENOENT:
+            return 0, 0
+        raise
+    total = st.f_blocks * st.f_frsize
+    return total, total - st.f_bfree * st.f_frsize

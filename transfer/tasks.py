@@ -1,0 +1,334 @@
+"""Tasks: the record a client polls while a transfer runs, and the life cycle behind it.
+
+    pending --> success | failure          (the transfer ends)
+    pending --> cancelling --> cancelled   (POST /tasks/{id}/cancel while a transfer runs)
+    pending --> cancelled                  (cancel of a task no transfer is using)
+
+Every transition is a conditional UPDATE, so two racing writers (a cancel and a finishing
+transfer, or two hosts) cannot both win. A running transfer is a `Transfer` registered here:
+cancelling its task cancels its asyncio task; progress is kept in memory and written to the
+database at most once a second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from transfer.db import Database, Row
+from transfer.errors import ApiError, bad_request
+from transfer.ids import iso, new_ref, new_uuid
+from transfer.logs import event
+
+log = logging.getLogger("vdi_transfer.tasks")
+
+FINISHED = ("success", "failure", "cancelled")
+PROGRESS_WRITE_INTERVAL = 1.0
+RESTARTED = ["INTERNAL_ERROR", "server restarted"]
+SHUTTING_DOWN = ["INTERNAL_ERROR", "server shutting down"]
+
+
+@dataclass(eq=False)
+class Transfer:
+    """A running operation reporting into a task."""
+
+    task: str
+    vdi: str | None
+    user: str | None
+    aio_task: asyncio.Task | None = None
+    bytes: int = 0
+    progress: float = 0.0
+    abort_error: list[str] | None = None  # why we cancelled it, if not the client's cancel
+    written_at: float = field(default_factory=time.monotonic)
+    started: float = field(default_factory=time.monotonic)
+
+
+class TaskManager:
+    def __init__(self, db: Database, host_uuid: str, ttl: int):
+        self.db = db
+        self.host_uuid = host_uuid
+        self.ttl = ttl
+        self.running: dict[str, Transfer] = {}
+
+    # -- records ---------------------------------------------------------------------------
+
+    async def create(self, name_label: str, owner: str | None, vdi: str | None = None) -> Row:
+        if not isinstance(name_label, str) or not 0 < len(name_label) <= 255:
+            raise bad_request("name_label must be a non-empty string of at most 255 characters")
+        task_uuid = new_uuid()
+        await self.db.execute(
+            "INSERT INTO tasks (uuid, ref, name_label, status, created, owner, host, vdi) "
+            "VALUES (?, ?, ?, 'pending', ?, ?, ?, ?)",
+            task_uuid,
+            new_ref(),
+            name_label,
+            time.time(),
+            owner,
+            self.host_uuid,
+            vdi,
+        )
+        event(log, "task.created", task=task_uuid, name=name_label, user=owner, vdi=vdi)
+        return await self.get(task_uuid)
+
+    async def get(self, ident: str) -> Row:
+        row = await self.db.fetchone("SELECT * FROM tasks WHERE uuid = ? OR ref = ?", ident, ident)
+        if row is None:
+            raise ApiError("TASK_NOT_FOUND", f"no task {ident}", ident)
+        return row
+
+    async def list(self) -> list[Row]:
+        return await self.db.fetchall("SELECT * FROM tasks ORDER BY created, uuid")
+
+    def to_json(self, row: Row) -> dict:
+        live = self.running.get(row["uuid"])
+        running = live is not None and row["status"] in ("pending", "cancelling")
+        return {
+            "uuid": row["uuid"],
+            "ref": row["ref"],
+            "name_label": row["name_label"],
+            "status": row["status"],
+            "progress": live.progress if running else row["progress"],
+            "created": iso(row["created"]),
+            "finished": iso(row["finished"]),
+            "result": row["result"],
+            "error_info": json.loads(row["error_info"]),
+            "bytes_transferred": live.bytes if running else row["bytes_transferred"],
+            "vdi": row["vdi"],
+            "owner": row["owner"],
+        }
+
+    async def destroy(self, ident: str) -> None:
+        row = await self.get(ident)
+        changed = await self.db.execute(
+            "DELETE FROM tasks WHERE uuid = ? AND running = 0", row["uuid"]
+        )
+        if not changed:
+            raise ApiError(
+                "OTHER_OPERATION_IN_PROGRESS",
+                f"task {row['uuid']} has a transfer running; cancel it first",
+                row["uuid"],
+            )
+        event(log, "task.destroyed", task=row["uuid"])
+
+    async def cancel(self, ident: str) -> Row:
+        """Cancel a pending task. A task with a transfer turns `cancelling` and its transfer is
+        stopped; the transfer's end turns it `cancelled`. A finished task is left alone."""
+        row = await self.get(ident)
+        task_uuid = row["uuid"]
+        if row["status"] in FINISHED or row["status"] == "cancelling":
+            return row
+        if await self._transition(task_uuid, "cancelled", ["CANCELLED"], where_running=0):
+            return await self.get(task_uuid)
+        if await self.db.execute(
+            "UPDATE tasks SET status = 'cancelling' WHERE uuid = ? AND status = 'pending'",
+            task_uuid,
+        ):
+            event(log, "task.transition", task=task_uuid, status="cancelling", vdi=row["vdi"])
+        transfer = self.running.get(task_uuid)
+        if transfer is not None and transfer.aio_task is not None:
+            transfer.aio_task.cancel()
+        return await self.get(task_uuid)
+
+    # -- transfers -------------------------------------------------------------------------
+
+    async def begin(
+        self, task_ident: str | None, name_label: str, user: str | None, vdi: str | None
+    ) -> Transfer:
+        """Attach a transfer to the client's task (`task_id=`), or to a new task."""
+        if task_ident is None:
+            row = await self.create(name_label, user, vdi)
+        else:
+            row = await self.get(task_ident)
+        claimed = await self.db.execute(
+            "UPDATE tasks SET running = 1, host = ?, vdi = COALESCE(?, vdi) "
+            "WHERE uuid = ? AND status = 'pending' AND running = 0",
+            self.host_uuid,
+            vdi,
+            row["uuid"],
+        )
+        if not claimed:
+            row = await self.get(row["uuid"])
+            if row["status"] != "pending":
+                raise bad_request(f"task {row['uuid']} is already {row['status']}", row["uuid"])
+            raise ApiError(
+                "OTHER_OPERATION_IN_PROGRESS",
+                f"task {row['uuid']} already has a transfer running",
+                row["uuid"],
+            )
+        transfer = Transfer(task=row["uuid"], vdi=vdi, user=user, aio_task=asyncio.current_task())
+        self.running[transfer.task] = transfer
+        event(log, "task.started", task=transfer.task, vdi=vdi, user=user)
+        return transfer
+
+    async def report(self, transfer: Transfer, nbytes: int, progress: float) -> None:
+        """Record progress; written through to the database at most once a second."""
+        transfer.bytes = nbytes
+        transfer.progress = max(0.0, min(1.0, progress))
+        now = time.monotonic()
+        if now - transfer.written_at >= PROGRESS_WRITE_INTERVAL:
+            transfer.written_at = now
+            await self.db.execute(
+                "UPDATE tasks SET progress = ?, bytes_transferred = ? WHERE uuid = ?",
+                transfer.progress,
+                transfer.bytes,
+                transfer.task,
+            )
+
+    async def succeed(self, transfer: Transfer, result: str | None) -> None:
+        transfer.progress = 1.0
+        await self._end(transfer, "success", [], result)
+
+    async def fail(self, transfer: Transfer, error_info: list[str]) -> None:
+        await self._end(transfer, "failure", error_info)
+
+    @contextlib.asynccontextmanager
+    async def run(self, transfer: Transfer) -> AsyncIterator[Transfer]:
+        """Ends the task however the body ends: cancelled by the client (cancelled), stopped
+        by shutdown (failure), an ApiError (failure with its code), or a bug (INTERNAL_ERROR).
+        The body calls `succeed` itself once the result is durable."""
+        try:
+            yield transfer
+        except asyncio.CancelledError:
+            if transfer.abort_error is not None:
+                await asyncio.shield(self.fail(transfer, transfer.abort_error))
+            else:
+                await asyncio.shield(self._end(transfer, "cancelled", ["CANCELLED"]))
+            raise
+        except ApiError as exc:
+            await asyncio.shield(self.fail(transfer, exc.error_info))
+            raise
+        except Exception as exc:
+            log.exception("transfer failed", extra={"fields": {"task": transfer.task}})
+            await asyncio.shield(self.fail(transfer, ["INTERNAL_ERROR", str(exc) or repr(exc)]))
+            raise
+        else:
+            if transfer.task in self.running:
+                await self.fail(transfer, ["INTERNAL_ERROR", "the transfer ended without result"])
+
+    async def _end(
+        self, transfer: Transfer, status: str, error_info: list[str], result: str | None = None
+    ) -> None:
+        if self.running.pop(transfer.task, None) is None:
+            return  # already ended
+        await self._transition(
+            transfer.task,
+            status,
+            error_info,
+            result=result,
+            progress=transfer.progress,
+            nbytes=transfer.bytes,
+        )
+        # Whatever the outcome, the VDI is free for the next writer.
+        await self.db.execute("UPDATE vdis SET locked_by = NULL WHERE locked_by = ?", transfer.task)
+        event(
+            log,
+            "task.finished",
+            task=transfer.task,
+            vdi=transfer.vdi,
+            user=transfer.user,
+            status=status,
+            bytes=transfer.bytes,
+            duration=time.monotonic() - transfer.started,
+            error=error_info or None,
+        )
+
+    async def _transition(
+        self,
+        task_uuid: str,
+        status: str,
+        error_info: list[str],
+        *,
+        result: str | None = None,
+        progress: float | None = None,
+        nbytes: int | None = None,
+        where_running: int | None = None,
+    ) -> bool:
+        """Move an unfinished task to a final status; False if it was not in a state to."""
+        sql = (
+            "UPDATE tasks SET status = ?, error_info = ?, result = ?, finished = ?, running = 0, "
+            "progress = COALESCE(?, progress), bytes_transferred = COALESCE(?, bytes_transferred) "
+            "WHERE uuid = ? AND status IN ('pending', 'cancelling')"
+        )
+        args: list[object] = [
+            status,
+            json.dumps(error_info),
+            result,
+            time.time(),
+            1.0 if status == "success" else progress,
+            nbytes,
+            task_uuid,
+        ]
+        if where_running is not None:
+            sql += " AND running = ?"
+            args.append(where_running)
+        changed = await self.db.execute(sql, *args)
+        if changed and where_running is not None:
+            event(log, "task.transition", task=task_uuid, status=status)
+        return bool(changed)
+
+    # -- housekeeping ----------------------------------------------------------------------
+
+    async def recover_after_restart(self) -> int:
+        """Tasks whose transfer was running here when the process died can never finish:
+        fail them (or complete a cancel that was asked for), and free the VDIs they held.
+        Tasks no transfer was using stay pending."""
+        now = time.time()
+        stale = await self.db.fetchall(
+            "SELECT uuid, status, vdi FROM tasks WHERE host = ? AND running = 1 "
+            "AND status IN ('pending', 'cancelling')",
+            self.host_uuid,
+        )
+        async with self.db.transaction() as tx:
+            for row in stale:
+                cancelled = row["status"] == "cancelling"
+                await tx.execute(
+                    "UPDATE tasks SET status = ?, error_info = ?, finished = ?, running = 0 "
+                    "WHERE uuid = ?",
+                    "cancelled" if cancelled else "failure",
+                    json.dumps(["CANCELLED"] if cancelled else RESTARTED),
+                    now,
+                    row["uuid"],
+                )
+                await tx.execute(
+                    "UPDATE vdis SET locked_by = NULL WHERE locked_by = ?", row["uuid"]
+                )
+        for row in stale:
+            event(
+                log,
+                "task.recovered",
+                logging.WARNING,
+                task=row["uuid"],
+                vdi=row["vdi"],
+                status="cancelled" if row["status"] == "cancelling" else "failure",
+            )
+        return len(stale)
+
+    async def abort_all(self, error_info: list[str]) -> None:
+        """Stop every running transfer (shutdown): each fails with `error_info`."""
+        transfers = list(self.running.values())
+        for transfer in transfers:
+            transfer.abort_error = error_info
+            if transfer.aio_task is not None:
+                transfer.aio_task.cancel()
+        # Transfers whose handler is gone (or never reacts) are failed here directly.
+        await asyncio.sleep(0)
+        for transfer in transfers:
+            await self.fail(transfer, error_info)
+
+    async def collect_garbage(self) -> int:
+        """Delete finished tasks older than the TTL, and expired revocation entries."""
+        now = time.time()
+        removed = await self.db.execute(
+            "DELETE FROM tasks WHERE status IN ('success', 'failure', 'cancelled') "
+            "AND finished < ?",
+            now - self.ttl,
+        )
+        await self.db.execute("DELETE FROM revoked_sessions WHERE expires < ?", now)
+        if removed:
+            event(log, "task.gc", removed=removed)
+        return removed
