@@ -27,6 +27,7 @@ from auth.sessions import SessionSigner
 from auth.users import UserStore
 from transfer.db import Database
 from transfer.errors import ApiError
+from transfer.logs import LOG_FIELDS
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 REALM = 'Basic realm="vdi-transfer"'
@@ -38,6 +39,9 @@ class Principal:
     role: str
     via: str  # "basic" | "session"
     session_jti: str | None = None
+
+
+PRINCIPAL = web.RequestKey("principal", Principal)
 
 
 def requires(role: str) -> Callable[[Handler], Handler]:
@@ -170,8 +174,8 @@ def middleware(authenticator_of: Callable[[web.Request], Authenticator]):
         if required is None:
             return await handler(request)
         principal = await authenticator_of(request).authenticate(request)
-        request["principal"] = principal
-        request["log"]["user"] = principal.username
+        request[PRINCIPAL] = principal
+        request[LOG_FIELDS]["user"] = principal.username
         if not allows(principal.role, required):
             raise ApiError(
                 "PERMISSION_DENIED",

@@ -23,7 +23,7 @@ from transfer.errors import ApiError
 from transfer.handlers import records, session, users
 from transfer.handlers.common import json_response
 from transfer.hosts import HostService, load_or_create_host_uuid
-from transfer.logs import event, redact_query
+from transfer.logs import LOG_FIELDS, event, redact_query
 from transfer.services import SERVICES, Services
 from transfer.srs import SrService
 from transfer.tasks import SHUTTING_DOWN, TaskManager
@@ -38,14 +38,14 @@ HTTP_ERROR_CODES = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED", 413: "BAD_REQUE
 @web.middleware
 async def errors_as_json(request: web.Request, handler) -> web.StreamResponse:
     """Every error leaves as JSON {error, message, params} with the contract's status."""
-    request["log"] = {}
+    request[LOG_FIELDS] = {}
     try:
         return await handler(request)
     except ApiError as exc:
         headers = {}
         if exc.status == 401:
             headers["WWW-Authenticate"] = auth_middleware.REALM
-        request["log"]["error"] = exc.code
+        request[LOG_FIELDS]["error"] = exc.code
         return json_response(exc.to_json(), status=exc.status, headers=headers)
     except web.HTTPException as exc:
         if exc.status < 400:
@@ -66,7 +66,7 @@ class AccessLog(AbstractAccessLogger):
     """One structured line per request, without credentials."""
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
-        fields = dict(request.get("log", {}))
+        fields = dict(request.get(LOG_FIELDS, {}))
         event(
             access_log,
             "http.request",

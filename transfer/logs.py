@@ -12,6 +12,11 @@ import sys
 import time
 from typing import Any
 
+from aiohttp import web
+
+# Fields a handler adds to its request's access-log line (user, task, vdi, bytes, error).
+LOG_FIELDS = web.RequestKey("log_fields", dict)
+
 SECRET_PARAMS = frozenset({"session_id", "ticket", "password", "token"})
 
 
@@ -56,8 +61,8 @@ def setup(fmt: str = "logfmt", level: str = "info") -> None:
     root.setLevel(level.upper())
 
 
-def event(logger: logging.Logger, name: str, level: int = logging.INFO, **fields: Any) -> None:
-    logger.log(level, name, extra={"fields": fields})
+def event(logger: logging.Logger, _event: str, _level: int = logging.INFO, **fields: Any) -> None:
+    logger.log(_level, _event, extra={"fields": fields})
 
 
 def redact_query(query: dict) -> dict:

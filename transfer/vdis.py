@@ -16,6 +16,7 @@ from transfer.srs import SrService
 # Runtime formats whose drivers exist; the SR may advertise more (see srs.IMAGE_FORMATS).
 RUNTIME_FORMATS = ("raw",)
 MAX_NAME = 255
+MAX_VIRTUAL_SIZE = 2**63 - 2**20  # what an off_t holds; the filesystem may allow less
 
 
 class VdiService:
@@ -68,13 +69,16 @@ class VdiService:
         vdi_uuid = new_uuid()
         filename = f"{vdi_uuid}.{fmt}"
         path = Path(sr["path"]) / filename
+        too_big = bad_request(
+            f"virtual_size {size} is larger than SR {sr['name_label']!r} can hold", size
+        )
+        if size > MAX_VIRTUAL_SIZE:
+            raise too_big
         try:
             await storage.in_thread(storage.create_sparse, path, size)
         except OSError as exc:
             if exc.errno in (errno.EFBIG, errno.EINVAL):
-                raise bad_request(
-                    f"virtual_size {size} is larger than SR {sr['name_label']!r} can hold", size
-                ) from None
+                raise too_big from None
             raise
         try:
             await self.db.execute(

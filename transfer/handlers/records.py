@@ -6,8 +6,9 @@ import asyncio
 
 from aiohttp import web
 
-from auth.middleware import requires
+from auth.middleware import PRINCIPAL, requires
 from transfer.handlers.common import field, json_response, read_json
+from transfer.logs import LOG_FIELDS
 from transfer.services import services
 from transfer.sizes import parse_size
 
@@ -65,7 +66,7 @@ async def list_vdis(request: web.Request) -> web.Response:
 async def get_vdi(request: web.Request) -> web.Response:
     vdis = services(request).vdis
     row = await vdis.get(request.match_info["uuid"])
-    request["log"]["vdi"] = row["uuid"]
+    request[LOG_FIELDS]["vdi"] = row["uuid"]
     return json_response(await vdis.to_json(row))
 
 
@@ -87,7 +88,7 @@ async def create_vdi(request: web.Request) -> web.Response:
         size,
         field(body, "image_format", str, None),
     )
-    request["log"]["vdi"] = row["uuid"]
+    request[LOG_FIELDS]["vdi"] = row["uuid"]
     return json_response(await svc.vdis.to_json(row), status=201)
 
 
@@ -95,7 +96,7 @@ async def create_vdi(request: web.Request) -> web.Response:
 @requires("operator")
 async def delete_vdi(request: web.Request) -> web.Response:
     row = await services(request).vdis.delete(request.match_info["uuid"])
-    request["log"]["vdi"] = row["uuid"]
+    request[LOG_FIELDS]["vdi"] = row["uuid"]
     return web.Response(status=204)
 
 
@@ -114,7 +115,7 @@ async def list_tasks(request: web.Request) -> web.Response:
 async def get_task(request: web.Request) -> web.Response:
     tasks = services(request).tasks
     row = await tasks.get(request.match_info["uuid"])
-    request["log"]["task"] = row["uuid"]
+    request[LOG_FIELDS]["task"] = row["uuid"]
     return json_response(tasks.to_json(row))
 
 
@@ -125,9 +126,9 @@ async def create_task(request: web.Request) -> web.Response:
     svc = services(request)
     body = await read_json(request)
     row = await svc.tasks.create(
-        field(body, "name_label", str, required=True), request["principal"].username
+        field(body, "name_label", str, required=True), request[PRINCIPAL].username
     )
-    request["log"]["task"] = row["uuid"]
+    request[LOG_FIELDS]["task"] = row["uuid"]
     return json_response(svc.tasks.to_json(row), status=201)
 
 
@@ -136,13 +137,13 @@ async def create_task(request: web.Request) -> web.Response:
 async def cancel_task(request: web.Request) -> web.Response:
     tasks = services(request).tasks
     row = await tasks.cancel(request.match_info["uuid"])
-    request["log"]["task"] = row["uuid"]
+    request[LOG_FIELDS]["task"] = row["uuid"]
     return json_response(tasks.to_json(row))
 
 
 @routes.delete("/tasks/{uuid}")
 @requires("operator")
 async def destroy_task(request: web.Request) -> web.Response:
-    request["log"]["task"] = request.match_info["uuid"]
+    request[LOG_FIELDS]["task"] = request.match_info["uuid"]
     await services(request).tasks.destroy(request.match_info["uuid"])
     return web.Response(status=204)

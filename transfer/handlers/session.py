@@ -7,10 +7,11 @@ import time
 
 from aiohttp import web
 
-from auth.middleware import public, requires, session_token
+from auth.middleware import PRINCIPAL, public, requires, session_token
 from transfer.errors import ApiError
 from transfer.handlers.common import json_response, read_json
 from transfer.ids import iso
+from transfer.logs import LOG_FIELDS
 from transfer.services import services
 
 routes = web.RouteTableDef()
@@ -44,7 +45,7 @@ async def login(request: web.Request) -> web.Response:
                 "give Basic auth or a JSON body with username and password",
             )
         principal = await svc.auth.check_password(username, password)
-    request["log"]["user"] = principal.username
+    request[LOG_FIELDS]["user"] = principal.username
     session = svc.auth.signer.issue(principal.username)
     response = json_response(
         {
@@ -69,7 +70,7 @@ async def login(request: web.Request) -> web.Response:
 @routes.get("/session")
 @requires("reader")
 async def whoami(request: web.Request) -> web.Response:
-    principal = request["principal"]
+    principal = request[PRINCIPAL]
     return json_response(
         {"username": principal.username, "role": principal.role, "via": principal.via}
     )
@@ -80,7 +81,7 @@ async def whoami(request: web.Request) -> web.Response:
 async def logout(request: web.Request) -> web.Response:
     """Revoke the session this request used (and the cookie's, if it carries one)."""
     svc = services(request)
-    principal = request["principal"]
+    principal = request[PRINCIPAL]
     tokens = set()
     header = request.headers.get("Authorization", "")
     if header.lower().startswith("bearer "):

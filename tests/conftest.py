@@ -1,0 +1,141 @@
+"""Fixtures: the app in-process (pytest-aiohttp) and the real server as a subprocess."""
+
+from __future__ import annotations
+
+import base64
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from transfer.app import create_app
+from transfer.config import Config
+
+ADMIN_PASSWORD = "admin-password"
+
+
+def basic(user: str, password: str) -> dict[str, str]:
+    token = base64.b64encode(f"{user}:{password}".encode()).decode()
+    return {"Authorization": f"Basic {token}"}
+
+
+ADMIN = basic("admin", ADMIN_PASSWORD)
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Config:
+    return Config(
+        state_dir=tmp_path / "state",
+        admin_password=ADMIN_PASSWORD,
+        name_label="test-host",
+        port=8080,
+    )
+
+
+@pytest.fixture
+async def client(aiohttp_client, config):
+    return await aiohttp_client(create_app(config))
+
+
+@pytest.fixture
+async def users(client):
+    """An operator and a reader next to the admin; returns their Basic headers."""
+    for name, role in (("oper", "operator"), ("reed", "reader")):
+        resp = await client.post(
+            "/users",
+            json={"username": name, "password": f"{name}-password", "role": role},
+            headers=ADMIN,
+        )
+        assert resp.status == 201, await resp.text()
+    return {"operator": basic("oper", "oper-password"), "reader": basic("reed", "reed-password")}
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """`vdi-transfer serve` as a user runs it, on a loopback port, with its own state dir."""
+
+    def __init__(self, state_dir: Path, env: dict[str, str] | None = None):
+        self.state_dir = state_dir
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = state_dir.parent / f"server-{self.port}.log"
+        self.extra_env = env or {}
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> ServerProcess:
+        env = {**os.environ, "VDIT_ADMIN_PASSWORD": ADMIN_PASSWORD, **self.extra_env}
+        self.log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "transfer",
+                "serve",
+                "--port",
+                str(self.port),
+                "--state-dir",
+                str(self.state_dir),
+            ],
+            env=env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited: {self.log_path.read_text()}")
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=1) as resp:
+                    if resp.status == 200:
+                        return self
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"server did not start: {self.log_path.read_text()}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        code = self.proc.wait(timeout)
+        self.log.close()
+        return code
+
+    def logs(self) -> str:
+        return self.log_path.read_text()
+
+
+@pytest.fixture
+def server(tmp_path: Path):
+    srv = ServerProcess(tmp_path / "state").start()
+    yield srv
+    if srv.proc and srv.proc.poll() is None:
+        srv.stop()
+
+
+def curl(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """Real curl; -s -S so errors show, -w so the status is the last line of stdout."""
+    result = subprocess.run(
+        ["curl", "-sS", "-w", "\n%{http_code}", *args], capture_output=True, text=True, timeout=60
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"curl failed: {result.stderr}")
+    return result
+
+
+def curl_json(*args: str) -> tuple[int, object]:
+    import json
+
+    out = curl(*args).stdout
+    body, _, status = out.rpartition("\n")
+    return int(status), (json.loads(body) if body.strip() else None)

@@ -1,0 +1,55 @@
+"""Configuration precedence: defaults < TOML < environment < command line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from transfer.config import ConfigError, load
+
+
+def test_defaults():
+    cfg = load({}, env={})
+    assert (cfg.host, cfg.port, cfg.state_dir) == ("127.0.0.1", 8080, Path("./data"))
+    assert cfg.database.startswith("sqlite:///") and cfg.database.endswith("data/state.db")
+    assert cfg.advertise == "http://127.0.0.1:8080"
+
+
+def test_precedence(tmp_path):
+    toml = tmp_path / "c.toml"
+    toml.write_text(
+        'host = "0.0.0.0"\nport = 9000\nstate-dir = "/srv/vdit"\n'
+        'advertise_url = "https://vdit.example/"\n'
+    )
+    cfg = load({"config": toml}, env={})
+    assert (cfg.host, cfg.port, cfg.state_dir) == ("0.0.0.0", 9000, Path("/srv/vdit"))
+    assert cfg.advertise == "https://vdit.example"
+    cfg = load({"config": toml}, env={"VDIT_PORT": "9100"})
+    assert cfg.port == 9100
+    cfg = load({"config": toml, "port": 9200}, env={"VDIT_PORT": "9100"})
+    assert cfg.port == 9200
+    cfg = load({}, env={"VDIT_CONFIG": str(toml)})
+    assert cfg.port == 9000
+
+
+@pytest.mark.parametrize(
+    "cli, env, message",
+    [
+        ({"port": 70000}, {}, "port"),
+        ({}, {"VDIT_PORT": "eighty"}, "port"),
+        ({}, {"VDIT_DATABASE_URL": "mysql://x"}, "database_url"),
+        ({}, {"VDIT_LOG_FORMAT": "xml"}, "log_format"),
+        ({"config": Path("/nonexistent.toml")}, {}, "cannot read"),
+    ],
+)
+def test_errors_name_the_key(cli, env, message):
+    with pytest.raises(ConfigError, match=message):
+        load(cli, env=env)
+
+
+def test_invalid_toml(tmp_path):
+    toml = tmp_path / "c.toml"
+    toml.write_text("port = \n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load({"config": toml}, env={})
