@@ -20,7 +20,7 @@ from transfer import __version__
 from transfer.config import Config
 from transfer.db import open_database
 from transfer.errors import ApiError
-from transfer.handlers import records, session, users
+from transfer.handlers import records, session, transfers, users
 from transfer.handlers.common import json_response
 from transfer.hosts import HostService, load_or_create_host_uuid
 from transfer.logs import LOG_FIELDS, event, redact_query
@@ -186,4 +186,5 @@ def create_app(config: Config) -> web.Application:
     app.add_routes(session.routes)
     app.add_routes(users.routes)
     app.add_routes(records.routes)
+    transfers.add_routes(app)
     return app

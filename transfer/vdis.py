@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import time
+from collections import Counter
 from pathlib import Path
 
 from transfer import storage
@@ -23,6 +24,8 @@ class VdiService:
     def __init__(self, db: Database, srs: SrService):
         self.db = db
         self.srs = srs
+        # Exports running on this host, per VDI: a writer must wait until they are done.
+        self.readers: Counter[str] = Counter()
 
     async def get(self, ident: str) -> Row:
         row = await self.db.fetchone("SELECT * FROM vdis WHERE uuid = ? OR ref = ?", ident, ident)
@@ -112,22 +115,40 @@ class VdiService:
         await storage.in_thread(storage.remove, await self.path(row))
         return row
 
+    def check_free(self, row: Row) -> None:
+        """VDI_IN_USE if a writer holds the VDI or an export here is reading it."""
+        if row["locked_by"]:
+            raise ApiError(
+                "VDI_IN_USE",
+                f"VDI {row['uuid']} is in use by task {row['locked_by']}",
+                row["uuid"],
+                row["locked_by"],
+            )
+        if self.readers[row["uuid"]]:
+            raise ApiError("VDI_IN_USE", f"VDI {row['uuid']} is being exported", row["uuid"])
+
     async def lock(self, vdi_uuid: str, task_uuid: str) -> None:
-        """Take the VDI for one transfer; VDI_IN_USE if another holds it. Atomic in the database,
-        so it holds across processes."""
+        """Take the VDI for one writer; VDI_IN_USE if another holds it or an export reads it.
+        The lock is a conditional UPDATE, so it holds across processes; it also bumps the
+        generation, so ETags of the old content stop matching."""
         changed = await self.db.execute(
-            "UPDATE vdis SET locked_by = ? WHERE uuid = ? AND locked_by IS NULL",
+            "UPDATE vdis SET locked_by = ?, generation = generation + 1 "
+            "WHERE uuid = ? AND locked_by IS NULL",
             task_uuid,
             vdi_uuid,
         )
         if not changed:
-            row = await self.get(vdi_uuid)
-            raise ApiError(
-                "VDI_IN_USE",
-                f"VDI {vdi_uuid} is in use by task {row['locked_by']}",
-                vdi_uuid,
-                row["locked_by"],
-            )
+            self.check_free(await self.get(vdi_uuid))
+            raise ApiError("VDI_IN_USE", f"VDI {vdi_uuid} is in use", vdi_uuid)
+        if self.readers[vdi_uuid]:
+            await self.unlock(vdi_uuid, task_uuid)
+            raise ApiError("VDI_IN_USE", f"VDI {vdi_uuid} is being exported", vdi_uuid)
+
+    async def bump_generation(self, vdi_uuid: str) -> None:
+        """The content changed: strong ETags of the old content must not match any more."""
+        await self.db.execute(
+            "UPDATE vdis SET generation = generation + 1 WHERE uuid = ?", vdi_uuid
+        )
 
     async def unlock(self, vdi_uuid: str, task_uuid: str) -> None:
         await self.db.execute(

@@ -1,0 +1,172 @@
+"""Moving bytes between a transfer and a disk file, off the event loop, in large batches.
+
+`DiskWriter` gathers incoming writes into batches of about 8 MiB and writes each batch from
+a worker thread (several in flight), skipping all-zero blocks (or punching holes there, when
+the file may hold data), starting writeback after each batch so the closing fsync is short.
+`data_extents` maps a file's data with SEEK_DATA/SEEK_HOLE. See ../shared/notes/performance.md
+for the measurements behind the sizes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+from collections import deque
+from concurrent.futures import Executor
+from dataclasses import dataclass
+
+from transfer import linux
+
+BATCH = 8 << 20  # bytes gathered before a write is issued
+IN_FLIGHT = 4  # batches being written at once; bounds memory per transfer to ~40 MiB
+ZERO_BLOCK = 64 << 10  # granularity of zero detection, aligned to disk offsets
+READ_SIZE = 4 << 20  # bytes per pread on export
+_ZEROS = bytes(max(ZERO_BLOCK, READ_SIZE))
+
+
+@dataclass
+class WriteStats:
+    data: int = 0  # bytes written
+    zero: int = 0  # bytes found zero (skipped or punched)
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    while data:
+        n = os.pwrite(fd, data, offset)
+        data = data[n:]
+        offset += n
+
+
+def _zero_range(fd: int, offset: int, length: int) -> None:
+    if not linux.punch_hole(fd, offset, length):
+        for pos in range(0, length, len(_ZEROS)):
+            _pwrite_all(fd, memoryview(_ZEROS)[: min(len(_ZEROS), length - pos)], offset + pos)
+
+
+def write_batch(fd: int, offset: int, parts: list, punch: bool) -> WriteStats:
+    """Write contiguous `parts` at `offset`: data runs with pwrite, zero runs skipped (or
+    punched when `punch`). Runs in a worker thread; returns what it wrote and skipped."""
+    stats = WriteStats()
+    buf = memoryview(parts[0] if len(parts) == 1 else b"".join(parts))
+    end = len(buf)
+    pos = 0
+    run_start, run_zero = 0, None
+    while pos < end:
+        block_end = min(end, pos + ZERO_BLOCK - (offset + pos) % ZERO_BLOCK)
+        zero = _ZEROS.startswith(buf[pos:block_end])
+        if zero is not run_zero and run_zero is not None:
+            _flush_run(fd, buf, offset, run_start, pos, run_zero, punch, stats)
+            run_start = pos
+        run_zero = zero
+        pos = block_end
+    if run_zero is not None:
+        _flush_run(fd, buf, offset, run_start, end, run_zero, punch, stats)
+    linux.start_writeback(fd, offset, end)
+    return stats
+
+
+def _flush_run(fd, buf, offset, start, end, zero, punch, stats: WriteStats) -> None:
+    if zero:
+        if punch:
+            _zero_range(fd, offset + start, end - start)
+        stats.zero += end - start
+    else:
+        _pwrite_all(fd, buf[start:end], offset + start)
+        stats.data += end - start
+
+
+class DiskWriter:
+    """Async front of `write_batch`: call `write` in stream order, then `finish` (fsync)."""
+
+    def __init__(self, fd: int, *, punch: bool, executor: Executor | None = None):
+        self.fd = fd
+        self.punch = punch
+        self.executor = executor
+        self.stats = WriteStats()
+        self._parts: list = []
+        self._start = 0
+        self._size = 0
+        self._pending: deque[asyncio.Future] = deque()
+
+    async def write(self, offset: int, data: bytes | memoryview) -> None:
+        if self._parts and offset != self._start + self._size:
+            await self._issue()
+        if not self._parts:
+            self._start = offset
+        self._parts.append(data)
+        self._size += len(data)
+        if self._size >= BATCH:
+            await self._issue()
+
+    async def _issue(self) -> None:
+        if not self._parts:
+            return
+        while len(self._pending) >= IN_FLIGHT:
+            await self._pending.popleft()
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(
+            self.executor, write_batch, self.fd, self._start, self._parts, self.punch
+        )
+        future.add_done_callback(self._count)
+        self._pending.append(future)
+        self._parts, self._size = [], 0
+
+    def _count(self, future: asyncio.Future) -> None:
+        if not future.cancelled() and future.exception() is None:
+            done = future.result()
+            self.stats.data += done.data
+            self.stats.zero += done.zero
+
+    async def finish(self) -> None:
+        """Write what is gathered, wait for every batch, fsync: the data is durable."""
+        await self._issue()
+        await self.drain()
+        await asyncio.get_running_loop().run_in_executor(self.executor, os.fsync, self.fd)
+
+    async def drain(self) -> None:
+        """Wait for every batch in flight (also on failure: the fd must outlive them)."""
+        error: BaseException | None = None
+        while self._pending:
+            future = self._pending.popleft()
+            try:
+                await asyncio.shield(future)
+            except asyncio.CancelledError:
+                # Our caller is being cancelled; the thread still runs: wait for it anyway.
+                error = error or asyncio.CancelledError()
+                await asyncio.wait([future])
+            except Exception as exc:
+                error = error or exc
+        if error is not None:
+            raise error
+
+
+def data_extents(fd: int, size: int) -> list[tuple[int, int]]:
+    """The (offset, length) runs of `fd` within [0, size) that hold data, from the
+    filesystem's allocation map; holes are left out. Blocking: call in a thread."""
+    extents: list[tuple[int, int]] = []
+    pos = 0
+    while pos < size:
+        try:
+            start = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # no data after pos
+                break
+            if exc.errno == errno.EINVAL:  # no SEEK_DATA support: all data
+                return [(pos, size - pos)] if pos < size else []
+            raise
+        if start >= size:
+            break
+        end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+        extents.append((start, end - start))
+        pos = end
+    return extents
+
+
+def file_extents(path: os.PathLike | str, size: int) -> list[tuple[int, int]]:
+    """`data_extents` of the file at `path`. Blocking: call in a thread."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return data_extents(fd, size)
+    finally:
+        os.close(fd)

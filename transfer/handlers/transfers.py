@@ -1,0 +1,239 @@
+"""PUT /import_raw_vdi, GET|HEAD /export_raw_vdi, GET /vdis/{uuid}/extents.
+
+XAPI matches these by prefix (`curl -T disk.raw URL/` appends the file name), and reads
+parameters from the query string or from cookies of the same name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from aiohttp import web
+
+from auth.middleware import PRINCIPAL, requires
+from transfer import exports, imports, storage
+from transfer.diskio import file_extents
+from transfer.errors import ApiError, bad_request
+from transfer.handlers.common import json_response
+from transfer.logs import LOG_FIELDS
+from transfer.ranges import requested_range
+from transfer.services import services
+
+routes = web.RouteTableDef()
+
+
+def param(request: web.Request, name: str) -> str | None:
+    """A parameter from the query string, else from a cookie of the same name."""
+    value = request.query.get(name)
+    if value is None:
+        value = request.cookies.get(name)
+    return value
+
+
+def flag(request: web.Request, name: str) -> bool:
+    """XAPI's boolean parameters: present and not `false` means true."""
+    value = param(request, name)
+    return value is not None and value.lower() not in ("false", "0", "no")
+
+
+async def no_automatic_continue(request: web.Request) -> None:
+    """Expect: 100-continue is answered by the handler itself, after its checks, so a
+    rejected client never sends its body."""
+    expect = request.headers.get("Expect", "")
+    if expect and expect.lower() != "100-continue":
+        raise web.HTTPExpectationFailed(text=f"unknown Expect: {expect}")
+
+
+async def send_continue(request: web.Request) -> None:
+    if request.headers.get("Expect", "").lower() == "100-continue" and request.version >= (1, 1):
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+
+def _content_length(request: web.Request) -> int | None:
+    if "chunked" in request.headers.get("Transfer-Encoding", "").lower():
+        return None
+    return request.content_length
+
+
+# -- import --------------------------------------------------------------------------------
+
+
+@requires("operator")
+async def import_raw_vdi(request: web.Request) -> web.StreamResponse:
+    svc = services(request)
+    log_fields = request[LOG_FIELDS]
+    params = imports.ImportParams(
+        vdi=param(request, "vdi"),
+        sr=param(request, "sr"),
+        format=imports.parse_format(param(request, "format")),
+        chunked=flag(request, "chunked"),
+        task_id=param(request, "task_id"),
+        virtual_size=param(request, "virtual_size"),
+        name_label=param(request, "name_label"),
+    )
+    length = _content_length(request)
+    plan = await imports.plan(svc, params, length)
+    log_fields["vdi"] = plan.target_uuid
+    if length == 0:
+        # Clients probe with an empty PUT: answer, but create and write nothing.
+        return json_response({"task": None, "vdi": plan.target_uuid, "bytes": 0})
+
+    job = await imports.start(svc, plan, request[PRINCIPAL].username)
+    transfer = job.transfer
+    log_fields.update(vdi=job.vdi["uuid"], task=transfer.task)
+    task = await svc.tasks.get(transfer.task)
+    headers = {"task-id": task["ref"]}
+    try:
+        async with svc.tasks.run(transfer):
+            await send_continue(request)
+            received = await imports.receive(svc, job, request.content)
+            await svc.tasks.succeed(transfer, job.vdi["uuid"])
+    except asyncio.CancelledError:
+        await asyncio.shield(imports.abandon(svc, job, asyncio.CancelledError()))
+        raise  # aiohttp closes the connection
+    except ApiError as exc:
+        await imports.abandon(svc, job, exc)
+        log_fields["bytes_in"] = transfer.bytes
+        response = json_response(exc.to_json(), status=exc.status, headers=headers)
+        response.force_close()  # the rest of the body, if any, is not wanted
+        log_fields["error"] = exc.code
+        return response
+    except BaseException as exc:
+        await imports.abandon(svc, job, exc)
+        raise
+    log_fields["bytes_in"] = received
+    return json_response(
+        {"task": transfer.task, "task_ref": task["ref"], "vdi": job.vdi["uuid"], "bytes": received},
+        headers=headers,
+    )
+
+
+# -- export --------------------------------------------------------------------------------
+
+
+@requires("reader")
+async def export_raw_vdi(request: web.Request) -> web.StreamResponse:
+    svc = services(request)
+    vdi_ident = param(request, "vdi")
+    if not vdi_ident:
+        raise bad_request("give vdi= (the VDI to export)")
+    fmt = exports.parse_format(param(request, "format"))
+    chunked = flag(request, "chunked")
+    vdi_uuid = (await svc.vdis.get(vdi_ident))["uuid"]
+    request[LOG_FIELDS]["vdi"] = vdi_uuid
+    svc.vdis.readers[vdi_uuid] += 1  # no writer may start while we lay out or send
+    try:
+        plan = await exports.plan(svc, vdi_uuid, fmt, chunked, param(request, "base"))
+        return await _send_export(request, plan)
+    finally:
+        svc.vdis.readers[vdi_uuid] -= 1
+        if not svc.vdis.readers[vdi_uuid]:
+            del svc.vdis.readers[vdi_uuid]
+
+
+async def _send_export(request: web.Request, plan: exports.ExportPlan) -> web.StreamResponse:
+    svc = services(request)
+    total = plan.layout.length
+    wanted = None
+    try:
+        wanted = requested_range(
+            request.headers.get("Range"), request.headers.get("If-Range"), plan.etag, total
+        )
+    except ApiError as exc:
+        return json_response(
+            exc.to_json(),
+            status=exc.status,
+            headers={
+                "Content-Range": f"bytes */{total}",
+                "ETag": plan.etag,
+                "Accept-Ranges": "bytes",
+            },
+        )
+    start, end = wanted if wanted else (0, total)
+    response = web.StreamResponse(status=206 if wanted else 200)
+    response.headers.update(
+        {
+            "Content-Type": plan.content_type,
+            "Accept-Ranges": "bytes",
+            "ETag": plan.etag,
+            "Content-Disposition": f'attachment; filename="{plan.filename}"',
+            "Cache-Control": "no-cache",
+        }
+    )
+    if wanted:
+        response.headers["Content-Range"] = f"bytes {start}-{end - 1}/{total}"
+    response.content_length = end - start
+    if request.method == "HEAD":
+        await response.prepare(request)
+        await response.write_eof()
+        return response
+
+    transfer = await svc.tasks.begin(
+        None,
+        f"export_raw_vdi {plan.vdi['uuid']}",
+        request[PRINCIPAL].username,
+        plan.vdi["uuid"],
+    )
+    task = await svc.tasks.get(transfer.task)
+    request[LOG_FIELDS]["task"] = transfer.task
+    response.headers["task-id"] = task["ref"]
+    try:
+        async with svc.tasks.run(transfer):
+            await response.prepare(request)
+            await exports.send(svc, plan, transfer, response, start, end)
+            await svc.tasks.succeed(transfer, None)
+    except asyncio.CancelledError:
+        _abort(request)
+        raise
+    except Exception as exc:
+        # The status line is gone: the only honest signal left is a short body.
+        _abort(request)
+        request[LOG_FIELDS]["error"] = getattr(exc, "code", type(exc).__name__)
+        return response
+    await response.write_eof()
+    return response
+
+
+def _abort(request: web.Request) -> None:
+    transport = request.transport
+    if transport is not None:
+        with contextlib.suppress(Exception):
+            transport.abort()
+
+
+# -- extents -------------------------------------------------------------------------------
+
+
+@routes.get("/vdis/{uuid}/extents")
+@requires("reader")
+async def extents(request: web.Request) -> web.Response:
+    """[{start, length, zero}] covering the whole disk: data runs and holes."""
+    svc = services(request)
+    vdi = await svc.vdis.get(request.match_info["uuid"])
+    request[LOG_FIELDS]["vdi"] = vdi["uuid"]
+    if request.query.get("base"):
+        await svc.vdis.get(request.query["base"])
+        raise ApiError(
+            "FORMAT_UNSUPPORTED",
+            "extents against a base need snapshot chains, which are not implemented yet",
+        )
+    path = await svc.vdis.path(vdi)
+    data = await storage.in_thread(file_extents, path, vdi["virtual_size"])
+    out, pos = [], 0
+    for start, length in data:
+        if start > pos:
+            out.append({"start": pos, "length": start - pos, "zero": True})
+        out.append({"start": start, "length": length, "zero": False})
+        pos = start + length
+    if pos < vdi["virtual_size"]:
+        out.append({"start": pos, "length": vdi["virtual_size"] - pos, "zero": True})
+    return json_response(out)
+
+
+def add_routes(app: web.Application) -> None:
+    for path in ("/import_raw_vdi", "/import_raw_vdi/{tail:.*}"):
+        app.router.add_route("PUT", path, import_raw_vdi, expect_handler=no_automatic_continue)
+    for path in ("/export_raw_vdi", "/export_raw_vdi/{tail:.*}"):
+        app.router.add_get(path, export_raw_vdi)  # and HEAD
+    app.add_routes(routes)

@@ -1,0 +1,49 @@
+"""Linux file calls the os module lacks: fallocate(PUNCH_HOLE) and sync_file_range.
+
+Both release the GIL (ctypes drops it around foreign calls) and are called from worker
+threads. Where the kernel or filesystem refuses, callers fall back (writing zeros, or
+skipping early writeback), so correctness never depends on them.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+SYNC_FILE_RANGE_WRITE = 0x2
+
+try:
+    _fallocate = _libc.fallocate64
+except AttributeError:  # pragma: no cover - every glibc has it
+    _fallocate = _libc.fallocate
+_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+_fallocate.restype = ctypes.c_int
+
+_sync_file_range = getattr(_libc, "sync_file_range", None)
+if _sync_file_range is not None:
+    _sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    _sync_file_range.restype = ctypes.c_int
+
+
+def punch_hole(fd: int, offset: int, length: int) -> bool:
+    """Deallocate [offset, offset+length): it reads as zeros afterwards. False if the
+    filesystem cannot punch holes (the caller then writes zeros instead)."""
+    if _fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EOPNOTSUPP, errno.ENOSYS):
+        return False
+    raise OSError(err, os.strerror(err))
+
+
+def start_writeback(fd: int, offset: int, length: int) -> None:
+    """Start writing dirty pages of a range to disk without waiting, so the final fsync
+    has little left to do. Best effort."""
+    if _sync_file_range is not None:
+        _sync_file_range(fd, offset, length, SYNC_FILE_RANGE_WRITE)
