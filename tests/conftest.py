@@ -139,3 +139,12 @@ def curl_json(*args: str) -> tuple[int, object]:
     out = curl(*args).stdout
     body, _, status = out.rpartition("\n")
     return int(status), (json.loads(body) if body.strip() else None)
+
+
+@pytest.fixture(scope="module")
+def shared_server(tmp_path_factory):
+    """One real server for a whole test module (each test makes its own VDIs)."""
+    srv = ServerProcess(tmp_path_factory.mktemp("srv") / "state").start()
+    yield srv
+    if srv.proc and srv.proc.poll() is None:
+        srv.stop()
