@@ -31,49 +31,79 @@ class WriteStats:
     zero: int = 0  # bytes found zero (skipped or punched)
 
 
-def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
-    while data:
-        n = os.pwrite(fd, data, offset)
-        data = data[n:]
+IOV_MAX = 1024
+
+
+def _pwritev_all(fd: int, bufs: list[memoryview], offset: int) -> None:
+    """Write the buffers back to back at `offset`, however many calls that takes."""
+    while bufs:
+        batch = bufs[:IOV_MAX]
+        n = os.pwritev(fd, batch, offset)
         offset += n
+        done = 0
+        for buf in batch:
+            if n < len(buf):
+                break
+            n -= len(buf)
+            done += 1
+        bufs = bufs[done:]
+        if n:  # a partial write inside one buffer
+            bufs[0] = bufs[0][n:]
 
 
 def _zero_range(fd: int, offset: int, length: int) -> None:
     if not linux.punch_hole(fd, offset, length):
-        for pos in range(0, length, len(_ZEROS)):
-            _pwrite_all(fd, memoryview(_ZEROS)[: min(len(_ZEROS), length - pos)], offset + pos)
+        zeros = memoryview(_ZEROS)
+        for pos in range(0, length, len(zeros)):
+            _pwritev_all(fd, [zeros[: min(len(zeros), length - pos)]], offset + pos)
 
 
 def write_batch(fd: int, offset: int, parts: list, punch: bool) -> WriteStats:
-    """Write contiguous `parts` at `offset`: data runs with pwrite, zero runs skipped (or
-    punched when `punch`). Runs in a worker thread; returns what it wrote and skipped."""
+    """Write contiguous `parts` at `offset`: data runs with pwritev straight from the
+    received buffers (no joining copy), all-zero blocks skipped (or punched when `punch`).
+    Zero detection looks at blocks aligned to disk offsets, cut at part edges. Runs in a
+    worker thread; returns what it wrote and skipped."""
     stats = WriteStats()
-    buf = memoryview(parts[0] if len(parts) == 1 else b"".join(parts))
-    end = len(buf)
-    pos = 0
-    run_start, run_zero = 0, None
-    while pos < end:
-        block_end = min(end, pos + ZERO_BLOCK - (offset + pos) % ZERO_BLOCK)
-        zero = _ZEROS.startswith(buf[pos:block_end])
-        if zero is not run_zero and run_zero is not None:
-            _flush_run(fd, buf, offset, run_start, pos, run_zero, punch, stats)
-            run_start = pos
-        run_zero = zero
-        pos = block_end
-    if run_zero is not None:
-        _flush_run(fd, buf, offset, run_start, end, run_zero, punch, stats)
-    linux.start_writeback(fd, offset, end)
+    data: list[memoryview] = []
+    data_start = zero_start = -1
+    pos = offset
+
+    def end_data(at: int) -> None:
+        nonlocal data
+        if data:
+            _pwritev_all(fd, data, data_start)
+            stats.data += at - data_start
+            data = []
+
+    def end_zero(at: int) -> None:
+        nonlocal zero_start
+        if zero_start >= 0:
+            if punch:
+                _zero_range(fd, zero_start, at - zero_start)
+            stats.zero += at - zero_start
+            zero_start = -1
+
+    for part in parts:
+        view = memoryview(part)
+        n, i = len(view), 0
+        while i < n:
+            block_end = min(n, i + ZERO_BLOCK - (pos + i) % ZERO_BLOCK)
+            block = view[i:block_end]
+            if _ZEROS.startswith(block):
+                end_data(pos + i)
+                if zero_start < 0:
+                    zero_start = pos + i
+            else:
+                end_zero(pos + i)
+                if not data:
+                    data_start = pos + i
+                data.append(block)
+            i = block_end
+        pos += n
+    end_data(pos)
+    end_zero(pos)
+    linux.start_writeback(fd, offset, pos - offset)
     return stats
-
-
-def _flush_run(fd, buf, offset, start, end, zero, punch, stats: WriteStats) -> None:
-    if zero:
-        if punch:
-            _zero_range(fd, offset + start, end - start)
-        stats.zero += end - start
-    else:
-        _pwrite_all(fd, buf[start:end], offset + start)
-        stats.data += end - start
 
 
 class DiskWriter:

@@ -181,7 +181,7 @@ async def _send_export(request: web.Request, plan: exports.ExportPlan) -> web.St
     try:
         async with svc.tasks.run(transfer):
             await response.prepare(request)
-            await exports.send(svc, plan, transfer, response, start, end)
+            await exports.send(svc, plan, transfer, request, response, start, end)
             await svc.tasks.succeed(transfer, None)
     except asyncio.CancelledError:
         _abort(request)
