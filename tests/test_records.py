@@ -227,12 +227,11 @@ async def test_import_into_read_only_vdi_is_refused(client):
     """Snapshots (a later issue) are read-only; the import checks the flag before any body."""
     from transfer.services import SERVICES
 
-    vdi = await json_of(await client.post("/vdis", json={"virtual_size": 4096}, headers=ADMIN),
-                        201)
+    vdi = await json_of(await client.post("/vdis", json={"virtual_size": 4096}, headers=ADMIN), 201)
     await client.server.app[SERVICES].db.execute(
-        "UPDATE vdis SET read_only = 1 WHERE uuid = ?", vdi["uuid"])
-    resp = await client.put(f"/import_raw_vdi?vdi={vdi['uuid']}", data=b"x" * 512,
-                            headers=ADMIN)
+        "UPDATE vdis SET read_only = 1 WHERE uuid = ?", vdi["uuid"]
+    )
+    resp = await client.put(f"/import_raw_vdi?vdi={vdi['uuid']}", data=b"x" * 512, headers=ADMIN)
     await assert_error(resp, 409, "VDI_READ_ONLY")
     tasks = await json_of(await client.get("/tasks", headers=ADMIN), 200)
     assert tasks == []

@@ -234,3 +234,27 @@ def test_cancel_stops_an_export(srv, tmp_path):
     req.close()
     assert final["status"] == "cancelled" and final["error_info"] == ["CANCELLED"]
     assert final["bytes_transferred"] < 2 << 30
+
+
+def test_progress_without_content_length(srv):
+    """Transfer-Encoding: chunked has no length: progress follows how far into the disk the
+    data has reached."""
+    vdi = create_vdi(srv.url, 8 * MiB)
+    req = RawRequest(
+        srv.url,
+        "PUT",
+        f"/import_raw_vdi?vdi={vdi['uuid']}",
+        {"Authorization": AUTH_HEADER, "Transfer-Encoding": "chunked"},
+    )
+    req.send(b"%x\r\n" % (2 * MiB) + os.urandom(2 * MiB) + b"\r\n")
+    t = running_task(srv.url, vdi)
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline and task(srv.url, t["uuid"])["bytes_transferred"] < 2 * MiB:
+        time.sleep(0.1)
+    t = task(srv.url, t["uuid"])
+    assert t["bytes_transferred"] == 2 * MiB and 0.2 < t["progress"] < 0.3
+    req.send(b"0\r\n\r\n")
+    status, _, body = req.read_response()
+    req.close()
+    assert status == 200 and json.loads(body)["bytes"] == 2 * MiB
+    assert task(srv.url, t["uuid"])["progress"] == 1.0

@@ -171,8 +171,8 @@ async def receive(svc: Services, job: ImportJob, body: StreamReader) -> int:
     fd = await storage.in_thread(os.open, path, os.O_WRONLY)
     # A VDI this import created is all holes: zeros need no punching there.
     writer = DiskWriter(fd, punch=not job.created)
-    received = 0
-    expected = plan.expected
+    received = reached = 0
+    expected = plan.expected  # the stream's length, framing included
     try:
         try:
             while True:
@@ -182,7 +182,10 @@ async def receive(svc: Services, job: ImportJob, body: StreamReader) -> int:
                 received += len(chunk)
                 for offset, data in decoder.feed(chunk):
                     await writer.write(offset, data)
-                progress = received / expected if expected else 0.0
+                    reached = max(reached, offset + len(data))
+                # Without a length, how far into the disk the data has reached is the best
+                # estimate (raw streams and vhd-tool's framing both go front to back).
+                progress = received / expected if expected else 0.99 * reached / plan.virtual_size
                 await svc.tasks.report(transfer, received, progress)
             if expected is not None and received != expected:
                 raise _short_body(received, expected)
