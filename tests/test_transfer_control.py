@@ -258,3 +258,50 @@ def test_progress_without_content_length(srv):
     req.close()
     assert status == 200 and json.loads(body)["bytes"] == 2 * MiB
     assert task(srv.url, t["uuid"])["progress"] == 1.0
+
+
+def test_import_reports_into_the_clients_task(srv, tmp_path):
+    vdi = create_vdi(srv.url, MiB)
+    _, created = api(f"{srv.url}/tasks", "POST", {"name_label": "my import"})
+    src = tmp_path / "src"
+    src.write_bytes(os.urandom(MiB))
+    status, body, _ = curl_upload(
+        f"{srv.url}/import_raw_vdi?vdi={vdi['uuid']}&task_id={created['ref']}", "-T", str(src)
+    )
+    assert status == 200 and body["task"] == created["uuid"]
+    done = task(srv.url, created["uuid"])
+    assert done["status"] == "success" and done["result"] == vdi["uuid"]
+    assert done["name_label"] == "my import"
+    # A finished task cannot be reused.
+    status, body, _ = curl_upload(
+        f"{srv.url}/import_raw_vdi?vdi={vdi['uuid']}&task_id={created['uuid']}", "-T", str(src)
+    )
+    assert status == 400 and "already success" in body["message"]
+    status, body, _ = curl_upload(
+        f"{srv.url}/import_raw_vdi?vdi={vdi['uuid']}&task_id=nope", "-T", str(src)
+    )
+    assert status == 404 and body["error"] == "TASK_NOT_FOUND"
+
+
+def test_client_leaving_a_download_fails_the_task(srv, tmp_path):
+    vdi = create_vdi(srv.url, "1G")
+    src = tmp_path / "src"
+    src.write_bytes(os.urandom(32 * MiB))
+    assert curl_upload(f"{srv.url}/import_raw_vdi?vdi={vdi['uuid']}", "-T", str(src))[0] == 200
+    req = RawRequest(
+        srv.url, "GET", f"/export_raw_vdi?vdi={vdi['uuid']}", {"Authorization": AUTH_HEADER}
+    )
+    req.sock.recv(MiB)
+    t = running_task(srv.url, vdi)
+    req.sock.setsockopt(
+        __import__("socket").SOL_SOCKET,
+        __import__("socket").SO_LINGER,
+        __import__("struct").pack("ii", 1, 0),
+    )
+    req.close()  # reset, not a polite close
+    final = wait_status(srv.url, t["uuid"])
+    assert final["status"] == "failure"
+    assert final["error_info"][0] == "BAD_REQUEST"
+    assert "closed the connection" in final["error_info"][1]
+    assert 0 < final["bytes_transferred"] < 1 << 30
+    assert "Traceback" not in srv.logs()

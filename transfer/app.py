@@ -132,6 +132,16 @@ async def _every(seconds: float, what: str, job: Callable[[], Awaitable[object]]
             log.exception(f"{what} failed")
 
 
+def mark_shutting_down(app: web.Application) -> None:
+    """From here on, a transfer that is stopped ends as a failure of the shutdown, not as a
+    client's cancel. Called as soon as the stop is decided, before aiohttp cancels handlers."""
+    svc = app.get(SERVICES)
+    if svc:
+        svc.tasks.shutting_down = True
+        for transfer in svc.tasks.running.values():
+            transfer.abort_error = SHUTTING_DOWN
+
+
 def create_app(config: Config) -> web.Application:
     app = web.Application(
         middlewares=[errors_as_json, auth_middleware.middleware(lambda r: r.app[SERVICES].auth)]
@@ -174,12 +184,7 @@ def create_app(config: Config) -> web.Application:
             event(log, "server.stopped", host=svc.hosts.uuid)
 
     async def on_shutdown(app: web.Application) -> None:
-        # From here on, a transfer that is stopped ends as a failure of the shutdown,
-        # not as a client's cancel.
-        svc = app.get(SERVICES)
-        if svc:
-            for transfer in svc.tasks.running.values():
-                transfer.abort_error = SHUTTING_DOWN
+        mark_shutting_down(app)
 
     app.cleanup_ctx.append(lifecycle)
     app.on_shutdown.append(on_shutdown)

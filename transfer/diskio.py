@@ -165,6 +165,8 @@ class DiskWriter:
                 # Our caller is being cancelled; the thread still runs: wait for it anyway.
                 error = error or asyncio.CancelledError()
                 await asyncio.wait([future])
+                if not future.cancelled():
+                    future.exception()  # retrieved; the cancel is what we report
             except Exception as exc:
                 error = error or exc
         if error is not None:

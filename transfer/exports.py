@@ -126,16 +126,25 @@ async def send(
     fd = await storage.in_thread(os.open, path, os.O_RDONLY)
     try:
         sock_fd = await _idle_socket(request)
-        if sock_fd is not None:
+        if sock_fd is None:
+            return await _send_with_reads(svc, plan, transfer, response, fd, start, end)
+        try:
             return await _send_with_sendfile(svc, plan, transfer, sock_fd, fd, start, end)
-        return await _send_with_reads(svc, plan, transfer, response, fd, start, end)
+        finally:
+            os.close(sock_fd)  # only after the worker thread is done with it
+    except ConnectionError as exc:
+        raise bad_request(
+            f"the download stopped after {transfer.bytes} of {end - start} bytes: the client "
+            f"closed the connection ({exc.strerror or exc})"
+        ) from None
     finally:
         await storage.in_thread(os.close, fd)
 
 
 async def _idle_socket(request: web.Request) -> int | None:
-    """The connection's socket, once everything aiohttp queued on it (the headers) is out;
-    None where sendfile cannot be used (TLS, no real socket)."""
+    """A duplicate of the connection's socket fd, once everything aiohttp queued on it (the
+    headers) is out; None where sendfile cannot be used (TLS, no real socket). The caller
+    closes it."""
     transport = request.transport
     if transport is None or transport.get_extra_info("sslcontext") is not None:
         return None
@@ -144,7 +153,10 @@ async def _idle_socket(request: web.Request) -> int | None:
         return None
     for _ in range(1000):
         if transport.get_write_buffer_size() == 0:
-            return sock.fileno()
+            # A duplicate, owned by us: if the peer goes away the event loop closes its fd,
+            # and that number may at once belong to another client's connection. Writing
+            # through our own fd can only ever reach this connection.
+            return os.dup(sock.fileno())
         await asyncio.sleep(0.005)
     return None  # the client does not even take the headers: let the slow path wait
 
@@ -167,31 +179,38 @@ async def _send_with_sendfile(
 ) -> int:
     loop = asyncio.get_running_loop()
     stop = threading.Event()
-    total, sent = end - start, 0
+    sent = [0]  # bytes on the wire, counted by the worker thread
+    total = end - start
     blocks = _blocks(plan.layout, start, end)
-    while True:
-        group, size = [], 0
-        for block in blocks:
-            group.append(block)
-            size += block.length
-            if size >= SENDFILE_SLICE:
-                break
-        if not group:
-            return sent
-        future = loop.run_in_executor(None, _sendfile_blocks, sock_fd, fd, group, stop)
-        try:
-            sent += await asyncio.shield(future)
-        except asyncio.CancelledError:
-            stop.set()  # the thread notices within 0.2 s; the fd must outlive it
-            await asyncio.wait([future])
-            raise
-        transfer.bytes = sent
-        await svc.tasks.report(transfer, sent, sent / total if total else 1.0)
+    try:
+        while True:
+            group, size = [], 0
+            for block in blocks:
+                group.append(block)
+                size += block.length
+                if size >= SENDFILE_SLICE:
+                    break
+            if not group:
+                return sent[0]
+            future = loop.run_in_executor(None, _sendfile_blocks, sock_fd, fd, group, stop, sent)
+            try:
+                await asyncio.shield(future)
+            except asyncio.CancelledError:
+                stop.set()  # the thread notices within 0.2 s; the fd must outlive it
+                await asyncio.wait([future])
+                if not future.cancelled():
+                    future.exception()  # it stopped because we asked: nothing to report
+                raise
+            await svc.tasks.report(transfer, sent[0], sent[0] / total if total else 1.0)
+    finally:
+        transfer.bytes = sent[0]
 
 
-def _sendfile_blocks(sock_fd: int, fd: int, blocks: list, stop: threading.Event) -> int:
-    """Blocking: send `blocks` on a non-blocking socket, waiting for it with poll."""
-    sent = 0
+def _sendfile_blocks(
+    sock_fd: int, fd: int, blocks: list, stop: threading.Event, sent: list[int]
+) -> None:
+    """Blocking: send `blocks` on the non-blocking socket, waiting for room with poll and
+    adding to `sent` as bytes go out."""
     for block in blocks:
         if stop.is_set():
             raise _Stopped
@@ -207,7 +226,7 @@ def _sendfile_blocks(sock_fd: int, fd: int, blocks: list, stop: threading.Event)
                     raise OSError(f"short read at {offset}: the VDI file was truncated")
                 offset += n
                 left -= n
-                sent += n
+                sent[0] += n
         else:
             view = memoryview(block.data) if isinstance(block, Literal) else _ZEROS[: block.length]
             while view:
@@ -217,8 +236,7 @@ def _sendfile_blocks(sock_fd: int, fd: int, blocks: list, stop: threading.Event)
                     _wait_writable(sock_fd, stop)
                     continue
                 view = view[n:]
-                sent += n
-    return sent
+                sent[0] += n
 
 
 def _wait_writable(sock_fd: int, stop: threading.Event) -> None:
@@ -265,6 +283,7 @@ async def _send_with_reads(
             pending = read(following)  # read ahead while this block goes out
             await response.write(data)
             sent += len(data)
+            transfer.bytes = sent
             await svc.tasks.report(transfer, sent, sent / total if total else 1.0)
             block = following
     finally:

@@ -9,7 +9,7 @@ import signal
 import uvloop
 from aiohttp import web
 
-from transfer.app import AccessLog, create_app
+from transfer.app import AccessLog, create_app, mark_shutting_down
 from transfer.config import Config
 from transfer.logs import event
 
@@ -34,6 +34,7 @@ async def _serve(config: Config) -> None:
             event(log, "server.listening", url=f"http://{host}:{port}", advertise=config.advertise)
         await stop.wait()
         event(log, "server.stopping", reason="signal")
+        mark_shutting_down(app)
     finally:
         await runner.cleanup()
 

@@ -54,16 +54,22 @@ class TaskManager:
         self.host_uuid = host_uuid
         self.ttl = ttl
         self.running: dict[str, Transfer] = {}
+        self.shutting_down = False  # no new transfers; stopped ones fail with SHUTTING_DOWN
 
     # -- records ---------------------------------------------------------------------------
 
-    async def create(self, name_label: str, owner: str | None, vdi: str | None = None) -> Row:
+    async def create(
+        self, name_label: str, owner: str | None, vdi: str | None = None, *, running: bool = False
+    ) -> Row:
+        """A pending task. `running` creates it already claimed by a transfer on this host,
+        in the same statement, so a crash can never leave it looking like a client's idle
+        task."""
         if not isinstance(name_label, str) or not 0 < len(name_label) <= 255:
             raise bad_request("name_label must be a non-empty string of at most 255 characters")
         task_uuid = new_uuid()
         await self.db.execute(
-            "INSERT INTO tasks (uuid, ref, name_label, status, created, owner, host, vdi) "
-            "VALUES (?, ?, ?, 'pending', ?, ?, ?, ?)",
+            "INSERT INTO tasks (uuid, ref, name_label, status, created, owner, host, vdi, "
+            "running) VALUES (?, ?, ?, 'pending', ?, ?, ?, ?, ?)",
             task_uuid,
             new_ref(),
             name_label,
@@ -71,6 +77,7 @@ class TaskManager:
             owner,
             self.host_uuid,
             vdi,
+            int(running),
         )
         event(log, "task.created", task=task_uuid, name=name_label, user=owner, vdi=vdi)
         return await self.get(task_uuid)
@@ -141,16 +148,17 @@ class TaskManager:
     ) -> Transfer:
         """Attach a transfer to the client's task (`task_id=`), or to a new task."""
         if task_ident is None:
-            row = await self.create(name_label, user, vdi)
+            row = await self.create(name_label, user, vdi, running=True)
+            claimed = 1
         else:
             row = await self.get(task_ident)
-        claimed = await self.db.execute(
-            "UPDATE tasks SET running = 1, host = ?, vdi = COALESCE(?, vdi) "
-            "WHERE uuid = ? AND status = 'pending' AND running = 0",
-            self.host_uuid,
-            vdi,
-            row["uuid"],
-        )
+            claimed = await self.db.execute(
+                "UPDATE tasks SET running = 1, host = ?, vdi = COALESCE(?, vdi) "
+                "WHERE uuid = ? AND status = 'pending' AND running = 0",
+                self.host_uuid,
+                vdi,
+                row["uuid"],
+            )
         if not claimed:
             row = await self.get(row["uuid"])
             if row["status"] != "pending":
@@ -161,8 +169,14 @@ class TaskManager:
                 row["uuid"],
             )
         transfer = Transfer(task=row["uuid"], vdi=vdi, user=user, aio_task=asyncio.current_task())
+        if self.shutting_down:
+            transfer.abort_error = SHUTTING_DOWN
         self.running[transfer.task] = transfer
         event(log, "task.started", task=transfer.task, vdi=vdi, user=user)
+        # A cancel that arrived before we were registered found nothing to stop: honour it.
+        current = await self.db.fetchone("SELECT status FROM tasks WHERE uuid = ?", transfer.task)
+        if current and current["status"] == "cancelling" and transfer.aio_task is not None:
+            transfer.aio_task.cancel()
         return transfer
 
     async def report(self, transfer: Transfer, nbytes: int, progress: float) -> None:
