@@ -22,7 +22,7 @@ from formats.layout import Data, Layout, Literal, Zero, raw_layout
 from transfer import storage
 from transfer.db import Row
 from transfer.diskio import READ_SIZE, file_extents
-from transfer.errors import ApiError, bad_request
+from transfer.errors import bad_request, choose_format
 from transfer.services import Services
 from transfer.tasks import Transfer
 
@@ -58,16 +58,7 @@ class ExportPlan:
 
 
 def parse_format(value: str | None) -> str:
-    fmt = (value or "raw").lower()
-    if fmt not in EXPORT_FORMATS:
-        raise ApiError(
-            "FORMAT_UNSUPPORTED",
-            f"unknown export format {value!r}; use one of {', '.join(EXPORT_FORMATS)}",
-            value,
-        )
-    if fmt not in ENCODED_FORMATS:
-        raise ApiError("FORMAT_UNSUPPORTED", f"exporting as {fmt} is not implemented yet", fmt)
-    return fmt
+    return choose_format(value, EXPORT_FORMATS, ENCODED_FORMATS, "export")
 
 
 async def plan(
@@ -78,13 +69,7 @@ async def plan(
     if chunked and fmt != "raw":
         raise bad_request(f"chunked= applies to format raw only, not {fmt}")
     vdi = await svc.vdis.get(vdi_ident)
-    if vdi["locked_by"]:
-        raise ApiError(
-            "VDI_IN_USE",
-            f"VDI {vdi['uuid']} is being written by task {vdi['locked_by']}",
-            vdi["uuid"],
-            vdi["locked_by"],
-        )
+    svc.vdis.check_not_written(vdi)
     # A raw export is always the full disk; `base` is checked so a typo is not silent.
     base = await svc.vdis.get(base_ident) if base_ident else None
     path = await svc.vdis.path(vdi)

@@ -21,7 +21,7 @@ from formats.raw import RawDecoder
 from transfer import storage
 from transfer.db import Row
 from transfer.diskio import DiskWriter
-from transfer.errors import ApiError, bad_request
+from transfer.errors import ApiError, bad_request, choose_format
 from transfer.logs import event
 from transfer.services import Services
 from transfer.sizes import parse_size, round_to_sector
@@ -67,16 +67,7 @@ class ImportPlan:
 
 
 def parse_format(value: str | None) -> str:
-    fmt = (value or "raw").lower()
-    if fmt not in IMPORT_FORMATS:
-        raise ApiError(
-            "FORMAT_UNSUPPORTED",
-            f"unknown import format {value!r}; use one of {', '.join(IMPORT_FORMATS)}",
-            value,
-        )
-    if fmt not in DECODED_FORMATS:
-        raise ApiError("FORMAT_UNSUPPORTED", f"importing format {fmt} is not implemented yet", fmt)
-    return fmt
+    return choose_format(value, IMPORT_FORMATS, DECODED_FORMATS, "import")
 
 
 async def plan(svc: Services, params: ImportParams, content_length: int | None) -> ImportPlan:

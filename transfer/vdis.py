@@ -115,8 +115,9 @@ class VdiService:
         await storage.in_thread(storage.remove, await self.path(row))
         return row
 
-    def check_free(self, row: Row) -> None:
-        """VDI_IN_USE if a writer holds the VDI or an export here is reading it."""
+    @staticmethod
+    def check_not_written(row: Row) -> None:
+        """VDI_IN_USE if a writer holds the VDI (anywhere: the lock is in the database)."""
         if row["locked_by"]:
             raise ApiError(
                 "VDI_IN_USE",
@@ -124,6 +125,10 @@ class VdiService:
                 row["uuid"],
                 row["locked_by"],
             )
+
+    def check_free(self, row: Row) -> None:
+        """VDI_IN_USE if a writer holds the VDI or an export here is reading it."""
+        self.check_not_written(row)
         if self.readers[row["uuid"]]:
             raise ApiError("VDI_IN_USE", f"VDI {row['uuid']} is being exported", row["uuid"])
 
