@@ -9,8 +9,9 @@ downloads on every export format.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 
 @dataclass(frozen=True)
@@ -35,7 +36,34 @@ class Zero:
     length: int
 
 
-Piece = Literal | Data | Zero
+@dataclass(frozen=True)
+class Derived:
+    """Bytes computed from the disk: `fn` maps disk bytes [offset, offset + source_length)
+    to its output, of which this piece is bytes [start, start + length). For content whose
+    size is known up front but whose value needs the data, e.g. a tar checksum member."""
+
+    offset: int
+    source_length: int
+    fn: Callable[[bytes], bytes]
+    length: int
+    start: int = 0
+
+    def render(self, source: bytes) -> bytes:
+        return self.fn(source)[self.start : self.start + self.length]
+
+
+Piece = Literal | Data | Zero | Derived
+
+
+class OutputLayout(Protocol):
+    """What every encoder returns. `Layout` below is the simple list-of-pieces one; an
+    encoder for huge disks may compute its pieces arithmetically instead of listing them
+    (a 2 TiB VHD has a million blocks), as long as it answers these two."""
+
+    length: int
+
+    def slice(self, start: int, end: int) -> Iterator[Piece]:
+        """The pieces covering output bytes [start, end), cut to fit exactly, in order."""
 
 
 class Layout:
@@ -62,6 +90,10 @@ class Layout:
                     yield Literal(piece.data[lo:hi])
                 elif isinstance(piece, Data):
                     yield Data(piece.offset + lo, hi - lo)
+                elif isinstance(piece, Derived):
+                    yield Derived(
+                        piece.offset, piece.source_length, piece.fn, hi - lo, piece.start + lo
+                    )
                 else:
                     yield Zero(hi - lo)
                 start = piece_start + hi
