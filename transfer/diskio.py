@@ -51,7 +51,7 @@ def _pwritev_all(fd: int, bufs: list[memoryview], offset: int) -> None:
             bufs[0] = bufs[0][n:]
 
 
-def _zero_range(fd: int, offset: int, length: int) -> None:
+def zero_range(fd: int, offset: int, length: int) -> None:
     if not linux.punch_hole(fd, offset, length):
         zeros = memoryview(_ZEROS)
         for pos in range(0, length, len(zeros)):
@@ -79,7 +79,7 @@ def write_batch(fd: int, offset: int, parts: list, punch: bool) -> WriteStats:
         nonlocal zero_start
         if zero_start >= 0:
             if punch:
-                _zero_range(fd, zero_start, at - zero_start)
+                zero_range(fd, zero_start, at - zero_start)
             stats.zero += at - zero_start
             zero_start = -1
 

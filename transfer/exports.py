@@ -8,17 +8,20 @@ reading the disk, and the chunk-framed variant carries only the data extents.
 from __future__ import annotations
 
 import asyncio
+import importlib
+import importlib.util
 import logging
 import os
 import select
 import threading
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 from aiohttp import web
 
 from formats.chunked import frames_layout
-from formats.layout import Data, Layout, Literal, Zero, raw_layout
+from formats.layout import Data, Derived, Literal, OutputLayout, Piece, Zero, raw_layout
 from transfer import storage
 from transfer.db import Row
 from transfer.diskio import READ_SIZE, file_extents
@@ -29,7 +32,18 @@ from transfer.tasks import Transfer
 log = logging.getLogger("vdi_transfer.export")
 
 EXPORT_FORMATS = ("raw", "vhd", "qcow2", "tar")
-ENCODED_FORMATS = ("raw",)  # the others arrive with the streaming-conversion work
+# format -> (module, layout function); a module not present yet means "not implemented".
+ENCODERS = {
+    "vhd": ("formats.vhd", "vhd_layout"),
+    "qcow2": ("formats.qcow2", "qcow2_layout"),
+    "tar": ("formats.xapi_tar", "xapi_tar_layout"),
+}
+
+
+def encoded_formats() -> tuple[str, ...]:
+    return ("raw", *(f for f, (m, _) in ENCODERS.items() if importlib.util.find_spec(m)))
+
+
 CONTENT_TYPES = {
     "raw": "application/octet-stream",
     "vhd": "application/vhd",
@@ -45,7 +59,7 @@ class ExportPlan:
     format: str
     chunked: bool
     base: Row | None
-    layout: Layout
+    layout: OutputLayout
     etag: str
 
     @property
@@ -58,7 +72,7 @@ class ExportPlan:
 
 
 def parse_format(value: str | None) -> str:
-    return choose_format(value, EXPORT_FORMATS, ENCODED_FORMATS, "export")
+    return choose_format(value, EXPORT_FORMATS, encoded_formats(), "export")
 
 
 async def plan(
@@ -74,16 +88,39 @@ async def plan(
     base = await svc.vdis.get(base_ident) if base_ident else None
     path = await svc.vdis.path(vdi)
     extents = await storage.in_thread(file_extents, path, vdi["virtual_size"])
-    layout = frames_layout(extents) if chunked else raw_layout(vdi["virtual_size"], extents)
+    if chunked:
+        layout = frames_layout(extents)
+    elif fmt == "raw":
+        layout = raw_layout(vdi["virtual_size"], extents)
+    else:
+        layout = encode(fmt, vdi, extents)
     variant = "chunked" if chunked else fmt
     etag = f'"{vdi["uuid"]}.{vdi["generation"]}.{variant}"'
     return ExportPlan(vdi, fmt, chunked, base, layout, etag)
 
 
-def _blocks(layout: Layout, start: int, end: int) -> Iterator[Literal | Data | Zero]:
+def encode(fmt: str, vdi: Row, extents: list[tuple[int, int]]) -> OutputLayout:
+    """The layout of `vdi` exported as an image. Identity fields are derived from the VDI
+    (its uuid, its creation time), so the same content always gives the same bytes."""
+    module, name = ENCODERS[fmt]
+    layout_of = getattr(importlib.import_module(module), name)
+    size = vdi["virtual_size"]
+    try:
+        if fmt == "vhd":
+            return layout_of(
+                size, extents, disk_uuid=uuid.UUID(vdi["uuid"]).bytes, timestamp=int(vdi["created"])
+            )
+        if fmt == "tar":
+            return layout_of(size, extents, prefix=f"Ref:{vdi['ref'].removeprefix('OpaqueRef:')}")
+        return layout_of(size, extents)
+    except ValueError as exc:
+        raise bad_request(f"VDI {vdi['uuid']} cannot be exported as {fmt}: {exc}") from None
+
+
+def _blocks(layout: OutputLayout, start: int, end: int) -> Iterator[Piece]:
     """The range's pieces cut to at most READ_SIZE bytes each."""
     for piece in layout.slice(start, end):
-        if isinstance(piece, Literal):
+        if isinstance(piece, Literal | Derived):
             yield piece
             continue
         pos = 0
@@ -213,7 +250,12 @@ def _sendfile_blocks(
                 left -= n
                 sent[0] += n
         else:
-            view = memoryview(block.data) if isinstance(block, Literal) else _ZEROS[: block.length]
+            if isinstance(block, Literal):
+                view = memoryview(block.data)
+            elif isinstance(block, Derived):
+                view = memoryview(_render(fd, block))
+            else:
+                view = _ZEROS[: block.length]
             while view:
                 try:
                     n = os.write(sock_fd, view)
@@ -222,6 +264,16 @@ def _sendfile_blocks(
                     continue
                 view = view[n:]
                 sent[0] += n
+
+
+def _render(fd: int, piece: Derived) -> bytes:
+    """Blocking: the bytes of a Derived piece, from its source on disk."""
+    source = os.pread(fd, piece.source_length, piece.offset)
+    source += bytes(piece.source_length - len(source))
+    data = piece.render(source)
+    if len(data) != piece.length:
+        raise ValueError(f"a derived piece rendered {len(data)} bytes, not {piece.length}")
+    return data
 
 
 def _wait_writable(sock_fd: int, stop: threading.Event) -> None:
@@ -245,7 +297,9 @@ async def _send_with_reads(
     total, sent = end - start, 0
     pending: asyncio.Future | None = None
 
-    def read(block: Literal | Data | Zero | None) -> asyncio.Future | None:
+    def read(block: Piece | None) -> asyncio.Future | None:
+        if isinstance(block, Derived):
+            return loop.run_in_executor(None, _render, fd, block)
         if not isinstance(block, Data):
             return None
         return loop.run_in_executor(None, os.pread, fd, block.length, block.offset)
@@ -256,11 +310,11 @@ async def _send_with_reads(
         pending = read(block)
         while block is not None:
             following = next(blocks, None)
-            if isinstance(block, Data):
+            if isinstance(block, Data | Derived):
                 assert pending is not None
                 data = await pending
                 if len(data) != block.length:
-                    raise OSError(f"short read at {block.offset}: the VDI file was truncated")
+                    raise OSError("short read: the VDI file was truncated")
             elif isinstance(block, Literal):
                 data = block.data
             else:

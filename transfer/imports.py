@@ -17,20 +17,27 @@ from aiohttp import StreamReader
 
 from formats.chunked import ChunkDecoder
 from formats.errors import FormatError, FramingError, OutOfBounds
+from formats.events import Header
 from formats.raw import RawDecoder
-from transfer import storage
+from transfer import image_import, storage
 from transfer.db import Row
-from transfer.diskio import DiskWriter
+from transfer.diskio import DiskWriter, zero_range
 from transfer.errors import ApiError, bad_request, choose_format
 from transfer.logs import event
 from transfer.services import Services
 from transfer.sizes import parse_size, round_to_sector
+from transfer.spillfile import FileSpill
 from transfer.tasks import Transfer
 
 log = logging.getLogger("vdi_transfer.import")
 
 IMPORT_FORMATS = ("raw", "vhd", "qcow2", "tar", "ova")
-DECODED_FORMATS = ("raw",)  # the others arrive with the streaming-conversion work
+
+
+def decoded_formats() -> tuple[str, ...]:
+    return ("raw", *(f for f in IMPORT_FORMATS[1:] if image_import.available(f)))
+
+
 DEFAULT_NAME = "Imported VDI"
 
 
@@ -58,7 +65,7 @@ class ImportPlan:
     params: ImportParams
     vdi: Row | None  # the existing target, or None when a VDI is to be created in `sr`
     sr: Row
-    virtual_size: int
+    virtual_size: int | None  # None: a new VDI sized by the image's header
     expected: int | None  # Content-Length, if given
 
     @property
@@ -67,7 +74,7 @@ class ImportPlan:
 
 
 def parse_format(value: str | None) -> str:
-    return choose_format(value, IMPORT_FORMATS, DECODED_FORMATS, "import")
+    return choose_format(value, IMPORT_FORMATS, decoded_formats(), "import")
 
 
 async def plan(svc: Services, params: ImportParams, content_length: int | None) -> ImportPlan:
@@ -91,20 +98,30 @@ async def plan(svc: Services, params: ImportParams, content_length: int | None) 
     elif params.sr:
         sr = await svc.srs.get(params.sr)
         vdi = None
+        size: int | None
         if params.virtual_size is not None:
             size = round_to_sector(parse_size(params.virtual_size, "virtual_size"))
-        elif content_length is not None and not params.chunked:
+            if size <= 0:
+                raise bad_request("the new VDI's virtual size must be greater than zero")
+        elif params.format in ("vhd", "qcow2", "ova"):
+            size = None  # the image's header says, once it arrives
+        elif params.format == "raw" and content_length is not None and not params.chunked:
             size = round_to_sector(content_length)
         else:
             raise bad_request(
-                "with sr= and a body of unknown length (Transfer-Encoding: chunked, or "
-                "chunk framing), give the new VDI's size as virtual_size="
+                "with sr= and a body whose size says nothing about the disk (Transfer-"
+                "Encoding: chunked, chunk framing, or tar), give the new VDI's size as "
+                "virtual_size="
             )
-        if size <= 0 and content_length != 0:
-            raise bad_request("the new VDI's virtual size must be greater than zero")
     else:
         raise bad_request("give vdi= (the VDI to write) or sr= (where to create one)")
-    if content_length is not None and not params.chunked and content_length > size:
+    if (
+        params.format == "raw"
+        and size is not None
+        and content_length is not None
+        and not params.chunked
+        and content_length > size
+    ):
         raise ApiError(
             "VDI_TOO_SMALL",
             f"the upload has {content_length} bytes but the VDI holds {size}",
@@ -118,37 +135,44 @@ async def plan(svc: Services, params: ImportParams, content_length: int | None) 
 class ImportJob:
     plan: ImportPlan
     transfer: Transfer
-    vdi: Row
+    vdi: Row | None  # None until an image's header says how big a new VDI must be
     created: bool  # the import created the VDI: a failed import removes it again
 
 
 async def start(svc: Services, plan: ImportPlan, user: str) -> ImportJob:
-    """Create the VDI if asked, attach a task, take the VDI's write lock."""
-    created = plan.vdi is None
+    """Attach a task; create the VDI now if its size is known (else at the image's header);
+    take the VDI's write lock."""
     vdi = plan.vdi
-    if vdi is None:
-        vdi = await svc.vdis.create(
-            plan.sr, plan.params.name_label or DEFAULT_NAME, plan.virtual_size, "raw"
-        )
+    created = False
+    if vdi is None and plan.virtual_size is not None:
+        vdi = await _create_vdi(svc, plan, plan.virtual_size)
+        created = True
+    target = vdi["uuid"] if vdi else f"new in SR {plan.sr['uuid']}"
     try:
         transfer = await svc.tasks.begin(
-            plan.params.task_id, f"import_raw_vdi {vdi['uuid']}", user, vdi["uuid"]
+            plan.params.task_id, f"import_raw_vdi {target}", user, vdi["uuid"] if vdi else None
         )
     except BaseException:
         if created:
             await svc.vdis.delete(vdi["uuid"])
         raise
     job = ImportJob(plan, transfer, vdi, created)
-    try:
-        await svc.vdis.lock(vdi["uuid"], transfer.task)
-    except ApiError as exc:
-        await svc.tasks.fail(transfer, exc.error_info)
-        await abandon(svc, job, exc)
-        raise
+    if vdi is not None:
+        try:
+            await svc.vdis.lock(vdi["uuid"], transfer.task)
+        except ApiError as exc:
+            await svc.tasks.fail(transfer, exc.error_info)
+            await abandon(svc, job, exc)
+            raise
     return job
 
 
+async def _create_vdi(svc: Services, plan: ImportPlan, size: int) -> Row:
+    return await svc.vdis.create(plan.sr, plan.params.name_label or DEFAULT_NAME, size, "raw")
+
+
 def decoder_for(plan: ImportPlan) -> Decoder:
+    assert plan.virtual_size is not None
     if plan.params.chunked:
         return ChunkDecoder(plan.virtual_size)
     return RawDecoder(plan.virtual_size)
@@ -156,7 +180,33 @@ def decoder_for(plan: ImportPlan) -> Decoder:
 
 async def receive(svc: Services, job: ImportJob, body: StreamReader) -> int:
     """Stream the body into the VDI; returns the body's byte count once it is durable."""
+    try:
+        if job.plan.params.format == "raw":
+            received = await _receive_raw(svc, job, body)
+        else:
+            received = await _receive_image(svc, job, body)
+    except OutOfBounds as exc:
+        raise ApiError("VDI_TOO_SMALL", str(exc), exc.size, exc.end) from None
+    except FramingError as exc:
+        raise bad_request(str(exc)) from None
+    except FormatError as exc:
+        if getattr(exc, "unsupported", False):
+            raise ApiError("FORMAT_UNSUPPORTED", str(exc)) from None
+        raise ApiError("IMAGE_INVALID", str(exc)) from None
+    except (ConnectionError, EOFError) as exc:
+        raise _short_body(job.transfer.bytes, job.plan.expected, exc) from None
+    except Exception as exc:
+        if _is_payload_error(exc):
+            raise _short_body(job.transfer.bytes, job.plan.expected, exc) from None
+        raise
+    assert job.vdi is not None
+    await svc.vdis.bump_generation(job.vdi["uuid"])
+    return received
+
+
+async def _receive_raw(svc: Services, job: ImportJob, body: StreamReader) -> int:
     plan, transfer = job.plan, job.transfer
+    assert job.vdi is not None and plan.virtual_size is not None
     decoder = decoder_for(plan)
     path: Path = await svc.vdis.path(job.vdi)
     fd = await storage.in_thread(os.open, path, os.O_WRONLY)
@@ -165,52 +215,134 @@ async def receive(svc: Services, job: ImportJob, body: StreamReader) -> int:
     received = reached = 0
     expected = plan.expected  # the stream's length, framing included
     try:
-        try:
-            while True:
-                chunk = await body.readany()
-                if not chunk:
-                    break
-                received += len(chunk)
-                for offset, data in decoder.feed(chunk):
-                    await writer.write(offset, data)
-                    reached = max(reached, offset + len(data))
-                # Without a length, how far into the disk the data has reached is the best
-                # estimate (raw streams and vhd-tool's framing both go front to back).
-                progress = received / expected if expected else 0.99 * reached / plan.virtual_size
-                await svc.tasks.report(transfer, received, progress)
-            if expected is not None and received != expected:
-                raise _short_body(received, expected)
-            decoder.finish()
-        except OutOfBounds as exc:
-            raise ApiError("VDI_TOO_SMALL", str(exc), exc.size, exc.end) from None
-        except FramingError as exc:
-            raise bad_request(str(exc)) from None
-        except FormatError as exc:
-            raise ApiError("IMAGE_INVALID", str(exc)) from None
-        except (ConnectionError, EOFError) as exc:
-            raise _short_body(received, expected, exc) from None
-        except Exception as exc:
-            if _is_payload_error(exc):
-                raise _short_body(received, expected, exc) from None
-            raise
+        while True:
+            chunk = await body.readany()
+            if not chunk:
+                break
+            received += len(chunk)
+            transfer.bytes = received
+            for offset, data in decoder.feed(chunk):
+                await writer.write(offset, data)
+                reached = max(reached, offset + len(data))
+            progress = _progress(received, expected, reached, plan.virtual_size)
+            await svc.tasks.report(transfer, received, progress)
+        if expected is not None and received != expected:
+            raise _short_body(received, expected)
+        decoder.finish()
         await writer.finish()
     finally:
         try:
             await writer.drain()
         finally:
             await storage.in_thread(os.close, fd)
-        transfer.bytes = received
-    await svc.vdis.bump_generation(job.vdi["uuid"])
     event(
         log,
         "import.done",
         task=transfer.task,
         vdi=job.vdi["uuid"],
+        format="raw",
         bytes=received,
         written=writer.stats.data,
         zero=writer.stats.zero,
     )
     return received
+
+
+def _progress(received: int, expected: int | None, reached: int, size: int | None) -> float:
+    """Body bytes over Content-Length; without a length, how far into the disk the data has
+    reached (raw streams, vhd-tool's framing and image blocks mostly go front to back)."""
+    if expected:
+        return received / expected
+    return 0.99 * reached / size if size else 0.0
+
+
+async def _receive_image(svc: Services, job: ImportJob, body: StreamReader) -> int:
+    plan, transfer = job.plan, job.transfer
+    fmt = plan.params.format
+    spill = None
+    if fmt in image_import.SPILLING:
+        spill = await storage.in_thread(FileSpill, Path(plan.sr["path"]), transfer.task)
+    decoder = image_import.make_decoder(fmt, spill, plan.expected, plan.virtual_size)
+    sink = image_import.Sink()
+
+    async def on_header(header: Header) -> None:
+        declared = header.virtual_size
+        if job.vdi is None:
+            size = plan.virtual_size or declared
+            if size is None:
+                raise bad_request("the image does not say its size: give virtual_size=")
+            if declared is not None and declared > size:
+                raise _too_small(declared, size)
+            job.vdi = await _create_vdi(svc, plan, round_to_sector(size))
+            job.created = True
+            await svc.vdis.lock(job.vdi["uuid"], transfer.task)
+            await svc.tasks.set_vdi(transfer, job.vdi["uuid"])
+            sink.fd = await _open(svc, job.vdi)
+            sink.size = job.vdi["virtual_size"]
+        else:
+            size = job.vdi["virtual_size"]
+            if declared is not None and declared > size:
+                raise _too_small(declared, size)
+            if sink.fd is None:
+                sink.fd = await _open(svc, job.vdi)
+                sink.size = size
+            if header.whole_image:
+                # A whole image replaces the disk up to its size: clear that first, so what
+                # it leaves unallocated reads as zero.
+                await storage.in_thread(zero_range, sink.fd, 0, declared or size)
+        sink.punch = not header.whole_image
+        event(
+            log,
+            "import.header",
+            task=transfer.task,
+            vdi=job.vdi["uuid"],
+            format=fmt,
+            virtual_size=declared,
+            whole_image=header.whole_image,
+        )
+
+    async def on_progress(received: int, current: image_import.Sink) -> None:
+        transfer.bytes = received
+        size = current.size or plan.virtual_size
+        progress = _progress(received, plan.expected, current.reached, size)
+        await svc.tasks.report(transfer, received, progress)
+
+    try:
+        received = await image_import.run_pipeline(decoder, body, sink, on_header, on_progress)
+        transfer.bytes = received
+        if plan.expected is not None and received != plan.expected:
+            raise _short_body(received, plan.expected)
+        if sink.fd is None:
+            raise ApiError("IMAGE_INVALID", f"the {fmt} stream ended before its header")
+        await storage.in_thread(os.fsync, sink.fd)
+    finally:
+        if sink.fd is not None:
+            await storage.in_thread(os.close, sink.fd)
+        if spill is not None:
+            await storage.in_thread(spill.close)
+    event(
+        log,
+        "import.done",
+        task=transfer.task,
+        vdi=job.vdi["uuid"],
+        format=fmt,
+        bytes=received,
+        written=sink.written,
+    )
+    return received
+
+
+async def _open(svc: Services, vdi: Row) -> int:
+    return await storage.in_thread(os.open, await svc.vdis.path(vdi), os.O_WRONLY)
+
+
+def _too_small(declared: int, size: int) -> ApiError:
+    return ApiError(
+        "VDI_TOO_SMALL",
+        f"the image declares a disk of {declared} bytes but the VDI holds {size}",
+        size,
+        declared,
+    )
 
 
 def _is_payload_error(exc: Exception) -> bool:
@@ -231,7 +363,7 @@ def _short_body(received: int, expected: int | None, cause: BaseException | None
 async def abandon(svc: Services, job: ImportJob, why: BaseException) -> None:
     """After a failed or cancelled import has ended its task: remove a VDI the import itself
     created. (An existing VDI keeps what was written; it was the client's to overwrite.)"""
-    if job.created:
+    if job.created and job.vdi is not None:
         try:
             await svc.vdis.delete(job.vdi["uuid"])
         except ApiError:

@@ -179,6 +179,11 @@ class TaskManager:
             transfer.aio_task.cancel()
         return transfer
 
+    async def set_vdi(self, transfer: Transfer, vdi: str) -> None:
+        """The transfer's VDI became known (an import that created it from an image header)."""
+        transfer.vdi = vdi
+        await self.db.execute("UPDATE tasks SET vdi = ? WHERE uuid = ?", vdi, transfer.task)
+
     async def report(self, transfer: Transfer, nbytes: int, progress: float) -> None:
         """Record progress; written through to the database at most once a second."""
         transfer.bytes = nbytes

@@ -81,13 +81,15 @@ async def import_raw_vdi(request: web.Request) -> web.StreamResponse:
 
     job = await imports.start(svc, plan, request[PRINCIPAL].username)
     transfer = job.transfer
-    log_fields.update(vdi=job.vdi["uuid"], task=transfer.task)
+    log_fields.update(vdi=job.vdi["uuid"] if job.vdi else None, task=transfer.task)
     task = await svc.tasks.get(transfer.task)
     headers = {"task-id": task["ref"]}
     try:
         async with svc.tasks.run(transfer):
             await send_continue(request)
             received = await imports.receive(svc, job, request.content)
+            assert job.vdi is not None
+            log_fields["vdi"] = job.vdi["uuid"]
             await svc.tasks.succeed(transfer, job.vdi["uuid"])
     except asyncio.CancelledError:
         await asyncio.shield(imports.abandon(svc, job, asyncio.CancelledError()))

@@ -1,0 +1,167 @@
+"""Importing disk images (VHD, QCOW2, XAPI tar, OVA): a decoder in a worker thread turns the
+body into Header/Write/Zero events, applied to the VDI file in the same thread.
+
+The pipeline has two stages: while a worker decodes and writes one ~8 MiB batch of the
+body, the event loop gathers the next. The one event that needs the loop is `Header`: it
+may create the VDI (`sr=`), must check the declared size before anything is written, and
+clears the target of a whole image; the worker hands it back with the events after it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import importlib.util
+import os
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from formats.errors import OutOfBounds
+from formats.events import Event, Header, Write, Zero
+from transfer.diskio import write_batch, zero_range
+
+BATCH = 8 << 20
+
+# format -> (module, decoder class); a module not present yet means "not implemented".
+DECODERS = {
+    "vhd": ("formats.vhd", "VhdDecoder"),
+    "qcow2": ("formats.qcow2", "Qcow2Decoder"),
+    "tar": ("formats.xapi_tar", "XapiTarDecoder"),
+    "ova": ("formats.ova", "OvaDecoder"),
+}
+SPILLING = ("vhd", "qcow2", "ova")  # decoders that may meet bytes before their meaning
+
+
+def available(fmt: str) -> bool:
+    module = DECODERS.get(fmt, (None,))[0]
+    return module is not None and importlib.util.find_spec(module) is not None
+
+
+def make_decoder(fmt: str, spill, stream_length: int | None, virtual_size: int | None):
+    module, name = DECODERS[fmt]
+    cls = getattr(importlib.import_module(module), name)
+    if fmt == "tar":
+        return cls(virtual_size=virtual_size)
+    return cls(spill=spill, stream_length=stream_length)
+
+
+@dataclass
+class Sink:
+    """Where events land: the open VDI file, its size, and whether zeros must be written
+    (a delta overwrites; a whole image was cleared first, so zeros are skipped)."""
+
+    fd: int | None = None
+    size: int = 0
+    punch: bool = True
+    written: int = 0
+    reached: int = 0  # highest disk offset written so far (for progress estimates)
+    held: list[Event] = field(default_factory=list)
+
+
+def decode_and_apply(decoder, chunks: list, sink: Sink, final: bool) -> list[Event]:
+    """Worker thread: feed `chunks` (and finish the stream if `final`), apply the events.
+    Returns the events from a Header on, unapplied, when the loop must see the Header."""
+    events: list[Event] = []
+    for chunk in chunks:
+        events.extend(decoder.feed(chunk))
+    if final:
+        events.extend(decoder.finish())
+    return apply(events, sink)
+
+
+def apply(events: list[Event], sink: Sink) -> list[Event]:
+    """Apply events in order until a Header (returned with what follows, for the loop)."""
+    run: list = []  # contiguous writes gathered into one batch
+    run_start = run_end = 0
+    for i, ev in enumerate(events):
+        if isinstance(ev, Header):
+            _flush(sink, run, run_start, run_end)
+            return events[i:]
+        if sink.fd is None:
+            raise RuntimeError("the decoder wrote before its Header")
+        if isinstance(ev, Write):
+            end = ev.offset + len(ev.data)
+            _check_bounds(ev.offset, end, sink.size)
+            if run and ev.offset == run_end and run_end - run_start < BATCH:
+                run.append(ev.data)
+                run_end = end
+                continue
+            _flush(sink, run, run_start, run_end)
+            run, run_start, run_end = [ev.data], ev.offset, end
+        elif isinstance(ev, Zero):
+            _flush(sink, run, run_start, run_end)
+            run = []
+            _check_bounds(ev.offset, ev.offset + ev.length, sink.size)
+            if ev.length:
+                zero_range(sink.fd, ev.offset, ev.length)
+                sink.reached = max(sink.reached, ev.offset + ev.length)
+    _flush(sink, run, run_start, run_end)
+    return []
+
+
+def _flush(sink: Sink, run: list, start: int, end: int) -> None:
+    if run and end > start:
+        stats = write_batch(sink.fd, start, run, sink.punch)
+        sink.written += stats.data
+        sink.reached = max(sink.reached, end)
+    run.clear()
+
+
+def _check_bounds(start: int, end: int, size: int) -> None:
+    if end > size:
+        raise OutOfBounds(
+            f"the image writes bytes {start}-{end - 1}, beyond the disk's {size} bytes",
+            end,
+            size,
+        )
+
+
+async def run_pipeline(
+    decoder,
+    body,
+    sink: Sink,
+    on_header: Callable[[Header], Awaitable[None]],
+    on_progress: Callable[[int, Sink], Awaitable[None]],
+) -> int:
+    """Feed the body through the decoder into the sink; returns the body bytes read."""
+    loop = asyncio.get_running_loop()
+    received = 0
+    pending: asyncio.Future | None = None
+
+    async def settle(future: asyncio.Future) -> None:
+        held = await future
+        while held:
+            header, rest = held[0], held[1:]
+            assert isinstance(header, Header)
+            await on_header(header)
+            held = await loop.run_in_executor(None, apply, rest, sink)
+
+    try:
+        eof = False
+        while not eof:
+            batch, size = [], 0
+            while size < BATCH:
+                chunk = await body.readany()
+                if not chunk:
+                    eof = True
+                    break
+                batch.append(chunk)
+                size += len(chunk)
+            received += size
+            if pending is not None:
+                await settle(pending)
+                pending = None
+            await on_progress(received, sink)
+            pending = loop.run_in_executor(None, decode_and_apply, decoder, batch, sink, eof)
+        await settle(pending)
+        pending = None
+    finally:
+        if pending is not None:  # the worker may still be writing: the fd must outlive it
+            await asyncio.wait([pending])
+            if not pending.cancelled():
+                pending.exception()
+    return received
+
+
+def fsync(fd: int) -> None:
+    os.fsync(fd)
