@@ -471,7 +471,7 @@ def test_empty_put_is_a_no_op(srv, tmp_path):
         ("sr=no-such-sr", 404, "SR_NOT_FOUND"),
         ("", 400, "BAD_REQUEST"),
         ("vdi={vdi}&format=vmdk", 415, "FORMAT_UNSUPPORTED"),
-        ("vdi={vdi}&format=VHD&chunked=true", 415, "FORMAT_UNSUPPORTED"),
+        ("vdi={vdi}&format=VHD&chunked=true", 400, "BAD_REQUEST"),
         ("vdi={vdi}&sr={sr}", 400, "BAD_REQUEST"),
     ],
 )

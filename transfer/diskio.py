@@ -121,7 +121,7 @@ class DiskWriter:
 
     async def write(self, offset: int, data: bytes | memoryview) -> None:
         if self._parts and offset != self._start + self._size:
-            await self._issue()
+            await self._issue(final=True)
         if not self._parts:
             self._start = offset
         self._parts.append(data)
@@ -129,9 +129,27 @@ class DiskWriter:
         if self._size >= BATCH:
             await self._issue()
 
-    async def _issue(self) -> None:
+    async def _issue(self, final: bool = False) -> None:
+        """Send the gathered parts to a worker. Unless `final`, a batch ends on a
+        ZERO_BLOCK-aligned disk offset and the rest waits for the next one: a zero run
+        punched up to the middle of a page would leave that page allocated."""
         if not self._parts:
             return
+        end = self._start + self._size
+        cut = end - end % ZERO_BLOCK
+        carry: list = []
+        if not final and self._start < cut < end:
+            keep = end - cut
+            while keep:
+                tail = memoryview(self._parts.pop())
+                if len(tail) > keep:
+                    self._parts.append(tail[: len(tail) - keep])
+                    carry.insert(0, tail[len(tail) - keep :])
+                    keep = 0
+                else:
+                    carry.insert(0, tail)
+                    keep -= len(tail)
+            self._size = cut - self._start
         while len(self._pending) >= IN_FLIGHT:
             await self._pending.popleft()
         loop = asyncio.get_running_loop()
@@ -140,7 +158,8 @@ class DiskWriter:
         )
         future.add_done_callback(self._count)
         self._pending.append(future)
-        self._parts, self._size = [], 0
+        self._parts, self._size = carry, sum(len(c) for c in carry)
+        self._start = cut if carry else end
 
     def _count(self, future: asyncio.Future) -> None:
         if not future.cancelled() and future.exception() is None:
@@ -150,7 +169,7 @@ class DiskWriter:
 
     async def finish(self) -> None:
         """Write what is gathered, wait for every batch, fsync: the data is durable."""
-        await self._issue()
+        await self._issue(final=True)
         await self.drain()
         await asyncio.get_running_loop().run_in_executor(self.executor, os.fsync, self.fd)
 
