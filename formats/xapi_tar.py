@@ -49,6 +49,7 @@ DEFAULT_PREFIX = "vdi"  # what XAPI's single-VDI tar export uses and its importe
 XXHASH_SUFFIX = ".xxhash"
 SHA1_SUFFIX = ".checksum"
 _CHECKSUM_LENGTHS = {XXHASH_SUFFIX: 16, SHA1_SUFFIX: 40}
+_ALGORITHMS = {XXHASH_SUFFIX: "XXH64", SHA1_SUFFIX: "SHA-1"}
 _END_OF_ARCHIVE = 2 * BLOCK
 
 
@@ -213,7 +214,7 @@ class XapiTarDecoder:
         if member.size != _CHECKSUM_LENGTHS[suffix]:
             raise FormatError(
                 f"the XAPI tar checksum member {member.name!r} has {member.size} bytes, not "
-                f"the {_CHECKSUM_LENGTHS[suffix]} of a {suffix[1:]} checksum"
+                f"the {_CHECKSUM_LENGTHS[suffix]} of a {_ALGORITHMS[suffix]} checksum"
             )
         self._checksum_member = member.name
         self._checksum.clear()
@@ -225,7 +226,7 @@ class XapiTarDecoder:
         expected = _HASHES[suffix](chunk.data)
         if bytes(self._checksum).upper() != expected.upper():
             raise FormatError(
-                f"the XAPI tar chunk {chunk.name!r} fails its {suffix[1:]} checksum: the "
+                f"the XAPI tar chunk {chunk.name!r} fails its {_ALGORITHMS[suffix]} checksum: the "
                 f"archive says {bytes(self._checksum)!r}, the data hashes to {expected!r}"
             )
         if chunk.data:
@@ -248,28 +249,35 @@ def xapi_tar_layout(
     return XapiTarLayout(virtual_size, extents, prefix=prefix)
 
 
+# The fixed fields of our member headers, around the name (0:100), size (124:136) and
+# checksum (148:156): mode 0644, uid/gid 0 (100:124); mtime 0 (136:148); type '0', no link,
+# "ustar\0" "00", no owner names, devices 0, no prefix (156:512).
+_MODE_UID_GID = b"0000644\0" + b"0000000\0" * 2
+_MTIME = b"00000000000\0"
+_AFTER_CHECKSUM = b"0" + bytes(100) + b"ustar\x0000" + bytes(64) + b"0000000\0" * 2 + bytes(167)
+_FIXED_SUM = sum(_MODE_UID_GID) + sum(_MTIME) + sum(_AFTER_CHECKSUM) + 8 * ord(" ")
+
+
 def tar_member_header(name: str, size: int) -> bytes:
-    """A deterministic ustar header for a regular file: mode 0644, owner 0:0, mtime 0."""
+    """A deterministic ustar header for a regular file: mode 0644, owner 0:0, mtime 0.
+    (Built from precomputed parts: a 2 TiB export has four million of them.)"""
     encoded = name.encode("utf-8")
     if len(encoded) > 100 or b"\0" in encoded:
         raise ValueError(f"tar member name {name!r} does not fit a ustar header")
     if not 0 <= size < 8**11:
         raise ValueError(f"tar member size {size} does not fit a ustar header")
-    header = bytearray(BLOCK)
-    header[0 : len(encoded)] = encoded
-    header[100:108] = b"0000644\0"
-    header[108:116] = b"0000000\0"  # uid
-    header[116:124] = b"0000000\0"  # gid
-    header[124:136] = b"%011o\0" % size
-    header[136:148] = b"00000000000\0"  # mtime
-    header[148:156] = b" " * 8  # checksum placeholder
-    header[156:157] = b"0"
-    header[257:263] = b"ustar\0"
-    header[263:265] = b"00"
-    header[329:337] = b"0000000\0"  # devmajor
-    header[337:345] = b"0000000\0"  # devminor
-    header[148:156] = b"%06o\0 " % sum(header)
-    return bytes(header)
+    size_field = b"%011o\0" % size
+    checksum = _FIXED_SUM + sum(encoded) + sum(size_field)
+    return b"".join(
+        (
+            encoded.ljust(100, b"\0"),
+            _MODE_UID_GID,
+            size_field,
+            _MTIME,
+            b"%06o\0 " % checksum,
+            _AFTER_CHECKSUM,
+        )
+    )
 
 
 def _padded(n: int) -> int:
@@ -332,7 +340,10 @@ class XapiTarLayout:
                 pos += self._record_length(self._last_chunk_size) - self._full_record
         self._starts = [run.start for run in self._runs]
         self.length = pos + _END_OF_ARCHIVE
-        self._zero_checksums: dict[int, bytes] = {}
+        # Chunks sent only for being first or last, with no extent: their checksum is known.
+        self._zero_checksums = {
+            size: xxh64_hex(bytes(size)) for size in {CHUNK_SIZE, self._last_chunk_size}
+        }
 
     @property
     def _full_record(self) -> int:
@@ -362,8 +373,6 @@ class XapiTarLayout:
             checksum: Piece = Derived(offset=offset, source_length=size, fn=xxh64_hex, length=16)
         else:
             body = Zero(size)
-            if size not in self._zero_checksums:
-                self._zero_checksums[size] = xxh64_hex(bytes(size))
             checksum = Literal(self._zero_checksums[size])
         return [
             Literal(tar_member_header(name, size)),
@@ -389,7 +398,12 @@ class XapiTarLayout:
                 index = run.first + j
                 pieces = self._chunk_pieces(index, run.data)
                 record_length = self._record_length(self._chunk_size(index))
-                yield from _cut(pieces, start - record_start, min(end - record_start, record_length))
+                if start == record_start and end >= record_start + record_length:
+                    yield from (piece for piece in pieces if piece.length)  # the whole record
+                else:
+                    yield from _cut(
+                        pieces, start - record_start, min(end - record_start, record_length)
+                    )
                 start = min(end, record_start + record_length)
                 j += 1
             i += 1
@@ -427,7 +441,9 @@ def _cut(pieces: list[Piece], start: int, end: int) -> Iterator[Piece]:
             elif isinstance(piece, Data):
                 yield Data(piece.offset + lo, hi - lo)
             elif isinstance(piece, Derived):
-                yield Derived(piece.offset, piece.source_length, piece.fn, hi - lo, piece.start + lo)
+                yield Derived(
+                    piece.offset, piece.source_length, piece.fn, hi - lo, piece.start + lo
+                )
             else:
                 yield Zero(hi - lo)
         pos = piece_end

@@ -107,11 +107,14 @@ def encode(fmt: str, vdi: Row, extents: list[tuple[int, int]]) -> OutputLayout:
     size = vdi["virtual_size"]
     try:
         if fmt == "vhd":
+            from formats.vhd import vhd_timestamp
+
             return layout_of(
-                size, extents, disk_uuid=uuid.UUID(vdi["uuid"]).bytes, timestamp=int(vdi["created"])
+                size,
+                extents,
+                disk_uuid=uuid.UUID(vdi["uuid"]).bytes,
+                timestamp=vhd_timestamp(int(vdi["created"])),
             )
-        if fmt == "tar":
-            return layout_of(size, extents, prefix=f"Ref:{vdi['ref'].removeprefix('OpaqueRef:')}")
         return layout_of(size, extents)
     except ValueError as exc:
         raise bad_request(f"VDI {vdi['uuid']} cannot be exported as {fmt}: {exc}") from None
