@@ -12,9 +12,10 @@ from __future__ import annotations
 import asyncio
 import importlib
 import importlib.util
+import itertools
 import os
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
 
 from formats.errors import OutOfBounds
 from formats.events import Event, Header, Write, Zero
@@ -55,28 +56,27 @@ class Sink:
     punch: bool = True
     written: int = 0
     reached: int = 0  # highest disk offset written so far (for progress estimates)
-    held: list[Event] = field(default_factory=list)
 
 
-def decode_and_apply(decoder, chunks: list, sink: Sink, final: bool) -> list[Event]:
-    """Worker thread: feed `chunks` (and finish the stream if `final`), apply the events.
-    Returns the events from a Header on, unapplied, when the loop must see the Header."""
-    events: list[Event] = []
+def events_of(decoder, chunks: list, final: bool) -> Iterator[Event]:
+    """The events of `chunks` (and of the stream's end if `final`), produced lazily: a
+    decoder may hand out spilled or decompressed data only as it is consumed, so nothing
+    here may collect them into a list."""
     for chunk in chunks:
-        events.extend(decoder.feed(chunk))
+        yield from decoder.feed(chunk)
     if final:
-        events.extend(decoder.finish())
-    return apply(events, sink)
+        yield from decoder.finish()
 
 
-def apply(events: list[Event], sink: Sink) -> list[Event]:
-    """Apply events in order until a Header (returned with what follows, for the loop)."""
+def apply(events: Iterator[Event], sink: Sink) -> Iterator[Event] | None:
+    """Worker thread: apply events in order as they are produced. At a Header, stop and
+    return the iterator positioned on it, for the loop to handle and then resume."""
     run: list = []  # contiguous writes gathered into one batch
     run_start = run_end = 0
-    for i, ev in enumerate(events):
+    for ev in events:
         if isinstance(ev, Header):
             _flush(sink, run, run_start, run_end)
-            return events[i:]
+            return itertools.chain((ev,), events)
         if sink.fd is None:
             raise RuntimeError("the decoder wrote before its Header")
         if isinstance(ev, Write):
@@ -90,13 +90,12 @@ def apply(events: list[Event], sink: Sink) -> list[Event]:
             run, run_start, run_end = [ev.data], ev.offset, end
         elif isinstance(ev, Zero):
             _flush(sink, run, run_start, run_end)
-            run = []
             _check_bounds(ev.offset, ev.offset + ev.length, sink.size)
             if ev.length:
                 zero_range(sink.fd, ev.offset, ev.length)
                 sink.reached = max(sink.reached, ev.offset + ev.length)
     _flush(sink, run, run_start, run_end)
-    return []
+    return None
 
 
 def _flush(sink: Sink, run: list, start: int, end: int) -> None:
@@ -130,11 +129,11 @@ async def run_pipeline(
 
     async def settle(future: asyncio.Future) -> None:
         held = await future
-        while held:
-            header, rest = held[0], held[1:]
+        while held is not None:
+            header = next(held)
             assert isinstance(header, Header)
             await on_header(header)
-            held = await loop.run_in_executor(None, apply, rest, sink)
+            held = await loop.run_in_executor(None, apply, held, sink)
 
     try:
         eof = False
@@ -152,7 +151,7 @@ async def run_pipeline(
                 await settle(pending)
                 pending = None
             await on_progress(received, sink)
-            pending = loop.run_in_executor(None, decode_and_apply, decoder, batch, sink, eof)
+            pending = loop.run_in_executor(None, apply, events_of(decoder, batch, eof), sink)
         await settle(pending)
         pending = None
     finally:
