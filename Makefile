@@ -21,6 +21,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python tests/bench/raw.py
+	$(BIN)/python tests/bench/convert.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
