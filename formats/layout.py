@@ -9,7 +9,7 @@ downloads on every export format.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -86,18 +86,32 @@ class Layout:
             lo = start - piece_start
             hi = min(piece.length, end - piece_start)
             if hi > lo:
-                if isinstance(piece, Literal):
-                    yield Literal(piece.data[lo:hi])
-                elif isinstance(piece, Data):
-                    yield Data(piece.offset + lo, hi - lo)
-                elif isinstance(piece, Derived):
-                    yield Derived(
-                        piece.offset, piece.source_length, piece.fn, hi - lo, piece.start + lo
-                    )
-                else:
-                    yield Zero(hi - lo)
+                yield cut(piece, lo, hi)
                 start = piece_start + hi
             i += 1
+
+
+def cut(piece: Piece, lo: int, hi: int) -> Piece:
+    """Bytes [lo, hi) of one piece, as a piece of the same kind."""
+    if isinstance(piece, Literal):
+        return Literal(piece.data[lo:hi])
+    if isinstance(piece, Data):
+        return Data(piece.offset + lo, hi - lo)
+    if isinstance(piece, Derived):
+        return Derived(piece.offset, piece.source_length, piece.fn, hi - lo, piece.start + lo)
+    return Zero(hi - lo)
+
+
+def cut_pieces(pieces: Iterable[Piece], lo: int, hi: int) -> Iterator[Piece]:
+    """Bytes [lo, hi) of the concatenation of `pieces`."""
+    at = 0
+    for piece in pieces:
+        piece_end = at + piece.length
+        if piece_end > lo and at < hi:
+            yield cut(piece, max(lo, at) - at, min(hi, piece_end) - at)
+        at = piece_end
+        if at >= hi:
+            return
 
 
 def raw_layout(size: int, data_extents: list[tuple[int, int]]) -> Layout:

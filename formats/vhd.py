@@ -48,7 +48,7 @@ from dataclasses import dataclass
 
 from formats.errors import FormatError
 from formats.events import Event, Header, Write
-from formats.layout import Data, Literal, Piece
+from formats.layout import Data, Literal, Piece, cut_pieces
 from formats.layout import Zero as ZeroPiece
 from formats.spill import Spill
 
@@ -891,28 +891,10 @@ class VhdLayout:
             slot = (pos - self._blocks_at) // self._stride
             slot_at = self._blocks_at + slot * self._stride
             hi = min(end, slot_at + self._stride)
-            yield from _cut(self._block_pieces(slot), pos - slot_at, hi - slot_at)
+            yield from cut_pieces(self._block_pieces(slot), pos - slot_at, hi - slot_at)
             pos = hi
         if pos < end:
             yield Literal(self._footer[pos - self._blocks_end : end - self._blocks_end])
-
-
-def _cut(pieces: list[Piece], lo: int, hi: int) -> Iterator[Piece]:
-    """Bytes [lo, hi) of the concatenation of `pieces`."""
-    at = 0
-    for piece in pieces:
-        piece_end = at + piece.length
-        if piece_end > lo and at < hi:
-            a, b = max(lo, at) - at, min(hi, piece_end) - at
-            if isinstance(piece, Literal):
-                yield Literal(piece.data[a:b])
-            elif isinstance(piece, Data):
-                yield Data(piece.offset + a, b - a)
-            else:
-                yield ZeroPiece(b - a)
-        at = piece_end
-        if at >= hi:
-            break
 
 
 def vhd_layout(

@@ -34,7 +34,7 @@ import xxhash
 
 from formats.errors import FormatError, OutOfBounds
 from formats.events import Event, Header, Write
-from formats.layout import Data, Derived, Literal, Piece, Zero
+from formats.layout import Data, Derived, Literal, Piece, Zero, cut_pieces
 from formats.tarstream import (
     BLOCK,
     ArchiveEnd,
@@ -401,7 +401,7 @@ class XapiTarLayout:
                 if start == record_start and end >= record_start + record_length:
                     yield from (piece for piece in pieces if piece.length)  # the whole record
                 else:
-                    yield from _cut(
+                    yield from cut_pieces(
                         pieces, start - record_start, min(end - record_start, record_length)
                     )
                 start = min(end, record_start + record_length)
@@ -427,25 +427,3 @@ def _chunk_spans(virtual_size: int, extents: Iterable[tuple[int, int]]) -> list[
         else:
             spans.append((first, end))
     return spans
-
-
-def _cut(pieces: list[Piece], start: int, end: int) -> Iterator[Piece]:
-    """Bytes [start, end) of the concatenated pieces, as pieces."""
-    pos = 0
-    for piece in pieces:
-        piece_end = pos + piece.length
-        lo, hi = max(start, pos) - pos, min(end, piece_end) - pos
-        if lo < hi:
-            if isinstance(piece, Literal):
-                yield Literal(piece.data[lo:hi])
-            elif isinstance(piece, Data):
-                yield Data(piece.offset + lo, hi - lo)
-            elif isinstance(piece, Derived):
-                yield Derived(
-                    piece.offset, piece.source_length, piece.fn, hi - lo, piece.start + lo
-                )
-            else:
-                yield Zero(hi - lo)
-        pos = piece_end
-        if pos >= end:
-            return
