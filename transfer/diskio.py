@@ -16,7 +16,7 @@ from collections import deque
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
-from transfer import linux
+from formats import linux
 
 BATCH = 8 << 20  # bytes gathered before a write is issued
 IN_FLIGHT = 4  # batches being written at once; bounds memory per transfer to ~40 MiB

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from transfer import linux
+from formats import linux
 
 
 class FileSpill:

@@ -1,0 +1,104 @@
+"""A VDI as the stack of its layers, top first: what a reader of the VDI sees.
+
+The service builds a Chain from its database (never from names inside the files) and asks
+it for the disk's bytes, its data/zero map, where each run of data physically lives (for
+sendfile), and what changed above a base layer (for incremental exports).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from formats.driver import DATA, PARENT, ZERO, ImageDriver
+
+Segment = tuple[int, int, int | None, int]  # virtual offset, length, layer index or None, host
+
+
+class Chain:
+    def __init__(self, layers: Sequence[ImageDriver]):
+        if not layers:
+            raise ValueError("a chain needs at least one layer")
+        self.layers = list(layers)
+        self.virtual_size = self.layers[0].virtual_size
+
+    @property
+    def top(self) -> ImageDriver:
+        return self.layers[0]
+
+    def _resolve(self, offset: int, length: int, first: int = 0):
+        """(start, length, layer index, kind) runs covering the range, each taken from the
+        highest layer (from `first` down) that says anything about it."""
+        pending = [(offset, length)]
+        for index in range(first, len(self.layers)):
+            layer = self.layers[index]
+            below = []
+            for start, n in pending:
+                for run_start, run_len, kind in layer.extents(start, n):
+                    if kind == PARENT:
+                        below.append((run_start, run_len))
+                    else:
+                        yield run_start, run_len, index, kind
+            pending = below
+            if not pending:
+                return
+        for start, n in pending:  # below the base layer: zeros
+            yield start, n, None, ZERO
+
+    def read(self, offset: int, length: int, first: int = 0) -> bytes:
+        """The disk's bytes as seen from layer `first` down (1: the parent of the top)."""
+        out = bytearray(length)
+        for start, n, index, kind in self._resolve(offset, length, first):
+            if kind == DATA and index is not None:
+                out[start - offset : start - offset + n] = self.layers[index].read(start, n)
+        return bytes(out)
+
+    def extents(self, offset: int = 0, length: int | None = None) -> list[tuple[int, int, str]]:
+        """DATA / ZERO runs of the disk as a reader sees it, in order, coalesced."""
+        length = self.virtual_size - offset if length is None else length
+        runs = sorted((s, n, kind) for s, n, _, kind in self._resolve(offset, length))
+        return _coalesce(runs)
+
+    def segments(self, offset: int, length: int) -> list[Segment]:
+        """Where the range's bytes live: (virtual offset, length, layer, host offset) for
+        data, (virtual offset, length, None, 0) for zeros; in order."""
+        out: list[Segment] = []
+        for start, n, index, kind in sorted(self._resolve(offset, length)):
+            if kind == DATA and index is not None:
+                for v, m, host in self.layers[index].map(start, n):
+                    out.append((v, m, index, host))
+            else:
+                out.append((start, n, None, 0))
+        out.sort()
+        return out
+
+    def changed_above(self, depth: int) -> list[tuple[int, int, str]]:
+        """What the top `depth` layers say about the disk (their DATA and ZERO runs): all
+        that can differ from the disk as layer `depth` and below show it."""
+        runs: list[tuple[int, int, str]] = []
+        for layer in self.layers[:depth]:
+            runs.extend(r for r in layer.extents() if r[2] != PARENT)
+        return _union(runs)
+
+
+def _coalesce(runs: list[tuple[int, int, str]]) -> list[tuple[int, int, str]]:
+    out: list[tuple[int, int, str]] = []
+    for start, n, kind in runs:
+        if out and out[-1][2] == kind and out[-1][0] + out[-1][1] == start:
+            out[-1] = (out[-1][0], out[-1][1] + n, kind)
+        elif n:
+            out.append((start, n, kind))
+    return out
+
+
+def _union(runs: list[tuple[int, int, str]]) -> list[tuple[int, int, str]]:
+    """Merge overlapping runs into sorted disjoint ones (kind: DATA if any says data)."""
+    out: list[tuple[int, int, str]] = []
+    for start, n, kind in sorted(runs):
+        end = start + n
+        if out and start <= out[-1][0] + out[-1][1]:
+            last_start, last_len, last_kind = out[-1]
+            merged_kind = DATA if DATA in (kind, last_kind) else ZERO
+            out[-1] = (last_start, max(end, last_start + last_len) - last_start, merged_kind)
+        else:
+            out.append((start, n, kind))
+    return out
