@@ -72,12 +72,16 @@ class Chain:
         return out
 
     def changed_above(self, depth: int) -> list[tuple[int, int, str]]:
-        """What the top `depth` layers say about the disk (their DATA and ZERO runs): all
-        that can differ from the disk as layer `depth` and below show it."""
-        runs: list[tuple[int, int, str]] = []
+        """The ranges the top `depth` layers say anything about (everything that can differ
+        from the disk as layer `depth` and below show it), as DATA / ZERO runs of what the
+        disk reads there now."""
+        spans: list[tuple[int, int]] = []
         for layer in self.layers[:depth]:
-            runs.extend(r for r in layer.extents() if r[2] != PARENT)
-        return _union(runs)
+            spans.extend((s, n) for s, n, kind in layer.extents() if kind != PARENT)
+        out: list[tuple[int, int, str]] = []
+        for start, n in _union(spans):
+            out.extend(self.extents(start, n))
+        return _coalesce(out)
 
 
 def _coalesce(runs: list[tuple[int, int, str]]) -> list[tuple[int, int, str]]:
@@ -90,15 +94,12 @@ def _coalesce(runs: list[tuple[int, int, str]]) -> list[tuple[int, int, str]]:
     return out
 
 
-def _union(runs: list[tuple[int, int, str]]) -> list[tuple[int, int, str]]:
-    """Merge overlapping runs into sorted disjoint ones (kind: DATA if any says data)."""
-    out: list[tuple[int, int, str]] = []
-    for start, n, kind in sorted(runs):
-        end = start + n
+def _union(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted, disjoint, merged spans."""
+    out: list[tuple[int, int]] = []
+    for start, n in sorted(spans):
         if out and start <= out[-1][0] + out[-1][1]:
-            last_start, last_len, last_kind = out[-1]
-            merged_kind = DATA if DATA in (kind, last_kind) else ZERO
-            out[-1] = (last_start, max(end, last_start + last_len) - last_start, merged_kind)
-        else:
-            out.append((start, n, kind))
+            out[-1] = (out[-1][0], max(start + n, out[-1][0] + out[-1][1]) - out[-1][0])
+        elif n:
+            out.append((start, n))
     return out
