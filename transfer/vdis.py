@@ -3,21 +3,39 @@
 from __future__ import annotations
 
 import errno
+import functools
 import time
+import uuid
 from collections import Counter
 from pathlib import Path
 
-from transfer import storage
+from transfer import layers, storage
 from transfer.db import Database, Row
 from transfer.errors import ApiError, bad_request
-from transfer.ids import iso, new_ref, new_uuid
+from transfer.ids import iso, new_ref
+from transfer.ids import new_uuid as new_uuid_str
 from transfer.sizes import round_to_sector
 from transfer.srs import SrService
 
-# Runtime formats whose drivers exist; the SR may advertise more (see srs.IMAGE_FORMATS).
-RUNTIME_FORMATS = ("raw",)
 MAX_NAME = 255
 MAX_VIRTUAL_SIZE = 2**63 - 2**20  # what an off_t holds; the filesystem may allow less
+VHD_MAX = 2040 << 30
+
+
+def _vhd_now() -> int:
+    from formats.vhd import vhd_timestamp
+
+    return vhd_timestamp(int(time.time()))
+
+
+def _disk_uuid(path: Path, fmt: str, row: Row) -> bytes:
+    """The disk uuid a VHD child must name as its parent: the one in the parent's footer
+    (the VDI it was created as, which a snapshot does not change)."""
+    if fmt != "vhd":
+        return uuid.UUID(row["uuid"]).bytes
+    with open(path, "rb") as f:
+        footer = f.read(512)
+    return footer[68:84]
 
 
 class VdiService:
@@ -28,7 +46,9 @@ class VdiService:
         self.readers: Counter[str] = Counter()
 
     async def get(self, ident: str) -> Row:
-        row = await self.db.fetchone("SELECT * FROM vdis WHERE uuid = ? OR ref = ?", ident, ident)
+        row = await self.db.fetchone(
+            "SELECT * FROM vdis WHERE (uuid = ? OR ref = ?) AND hidden = 0", ident, ident
+        )
         if row is None:
             raise ApiError("VDI_NOT_FOUND", f"no VDI {ident}", ident)
         return row
@@ -37,9 +57,10 @@ class VdiService:
         if sr is not None:
             sr_row = await self.srs.get(sr)
             return await self.db.fetchall(
-                "SELECT * FROM vdis WHERE sr = ? ORDER BY created, uuid", sr_row["uuid"]
+                "SELECT * FROM vdis WHERE sr = ? AND hidden = 0 ORDER BY created, uuid",
+                sr_row["uuid"],
             )
-        return await self.db.fetchall("SELECT * FROM vdis ORDER BY created, uuid")
+        return await self.db.fetchall("SELECT * FROM vdis WHERE hidden = 0 ORDER BY created, uuid")
 
     async def path(self, row: Row) -> Path:
         sr = await self.srs.get(row["sr"])
@@ -60,7 +81,7 @@ class VdiService:
                 fmt,
                 sr["uuid"],
             )
-        if fmt not in RUNTIME_FORMATS:
+        if fmt not in layers.runtime_formats():
             raise ApiError(
                 "FORMAT_UNSUPPORTED",
                 f"VDIs stored as {fmt} are not implemented yet; use image_format raw",
@@ -69,7 +90,7 @@ class VdiService:
         size = round_to_sector(virtual_size)
         if size <= 0:
             raise bad_request("virtual_size must be greater than zero", virtual_size)
-        vdi_uuid = new_uuid()
+        vdi_uuid = new_uuid_str()
         filename = f"{vdi_uuid}.{fmt}"
         path = Path(sr["path"]) / filename
         too_big = bad_request(
@@ -77,8 +98,19 @@ class VdiService:
         )
         if size > MAX_VIRTUAL_SIZE:
             raise too_big
+        if fmt == "vhd" and size > VHD_MAX:
+            raise bad_request(f"a VHD holds at most 2040 GiB, not {size} bytes", size)
         try:
-            await storage.in_thread(storage.create_sparse, path, size)
+            await storage.in_thread(
+                functools.partial(
+                    layers.create_image,
+                    path,
+                    fmt,
+                    size,
+                    disk_uuid=uuid.UUID(vdi_uuid).bytes,
+                    timestamp=_vhd_now(),
+                )
+            )
         except OSError as exc:
             if exc.errno in (errno.EFBIG, errno.EINVAL):
                 raise too_big from None
@@ -102,17 +134,208 @@ class VdiService:
         return await self.get(vdi_uuid)
 
     async def delete(self, ident: str) -> Row:
+        """Remove a VDI. If other VDIs read through its file (it is a layer of their chains),
+        it only disappears from view; the file goes with the last VDI that needs it."""
         row = await self.get(ident)
-        changed = await self.db.execute(
-            "DELETE FROM vdis WHERE uuid = ? AND locked_by IS NULL", row["uuid"]
-        )
-        if not changed:
-            raise ApiError(
-                "VDI_IN_USE", f"VDI {row['uuid']} is in use by task {row['locked_by']}", row["uuid"]
-            )
-        # The record goes first: a crash in between leaves an orphan file, never a record
+        self.check_free(row)
+        removed: list[Row] = []
+        async with self.db.transaction() as tx:
+            current: Row | None = row
+            while current is not None:
+                if await tx.fetchone(
+                    "SELECT 1 FROM vdis WHERE parent = ? LIMIT 1", current["uuid"]
+                ):
+                    await tx.execute("UPDATE vdis SET hidden = 1 WHERE uuid = ?", current["uuid"])
+                    break
+                changed = await tx.execute(
+                    "DELETE FROM vdis WHERE uuid = ? AND locked_by IS NULL", current["uuid"]
+                )
+                if not changed:
+                    raise ApiError(
+                        "VDI_IN_USE", f"VDI {current['uuid']} is in use", current["uuid"]
+                    )
+                removed.append(current)
+                parent = current["parent"]
+                current = None
+                if parent:
+                    above = await tx.fetchone(
+                        "SELECT * FROM vdis WHERE uuid = ? AND hidden = 1", parent
+                    )
+                    current = above  # a hidden layer nobody needs any more goes too
+        # Records go first: a crash in between leaves an orphan file, never a record
         # pointing at nothing.
-        await storage.in_thread(storage.remove, await self.path(row))
+        for gone in removed:
+            await storage.in_thread(storage.remove, await self.path(gone))
+        return row
+
+    async def chain_rows(self, row: Row) -> list[Row]:
+        """The VDI and the layers under it, top first, from the database."""
+        rows, seen = [row], {row["uuid"]}
+        while rows[-1]["parent"]:
+            parent = await self.db.fetchone("SELECT * FROM vdis WHERE uuid = ?", rows[-1]["parent"])
+            if parent is None or parent["uuid"] in seen:
+                raise ApiError(
+                    "INTERNAL_ERROR",
+                    f"the backing chain of VDI {row['uuid']} is broken at {rows[-1]['uuid']}",
+                )
+            rows.append(parent)
+            seen.add(parent["uuid"])
+        return rows
+
+    async def chain_files(self, row: Row) -> list[tuple[Path, str]]:
+        return [(await self.path(r), r["image_format"]) for r in await self.chain_rows(row)]
+
+    async def snapshot(self, ident: str, name_label: str | None = None) -> Row:
+        """A read-only point-in-time copy. VHD/QCOW2: the VDI's file becomes the snapshot
+        and the VDI carries on in a new, empty child layer: O(1), no data copied. Raw: a
+        copy (a reflink where the filesystem can, else the data extents only)."""
+        row = await self.get(ident)
+        return await self._derive(row, name_label, snapshot=True)
+
+    async def clone(self, ident: str, name_label: str | None = None) -> Row:
+        """A writable VDI starting from this one's content. Of a snapshot (VHD/QCOW2): a new
+        child layer on top of it. Of a writable VDI: a hidden snapshot is taken first, and
+        both continue on top of it."""
+        row = await self.get(ident)
+        return await self._derive(row, name_label, snapshot=False)
+
+    async def _derive(self, row: Row, name_label: str | None, snapshot: bool) -> Row:
+        sr = await self.srs.get(row["sr"])
+        directory = Path(sr["path"])
+        new_uuid = new_uuid_str()
+        fmt = row["image_format"]
+        label = name_label if name_label is not None else row["name_label"]
+        now = time.time()
+        if fmt == "raw":
+            self.check_not_written(row)
+            path = directory / f"{new_uuid}.raw"
+            await storage.in_thread(layers.copy_sparse, await self.path(row), path)
+            await self._insert(
+                new_uuid,
+                label,
+                row,
+                path.name,
+                snapshot,
+                parent=None,
+                snapshot_of=row["uuid"] if snapshot else None,
+                now=now,
+            )
+            return await self._get_any(new_uuid)
+        task = f"snapshot-{new_uuid}"
+        if not row["read_only"]:
+            await self.lock(row["uuid"], task)  # no writer may slip in while files move
+        try:
+            if row["read_only"]:  # a snapshot: only a clone can be asked of it
+                return await self._child_of(row, new_uuid, label, directory, now)
+            # The current file becomes the frozen layer (the snapshot, or a hidden base
+            # for a clone); the VDI continues in a new child of it.
+            frozen_uuid = new_uuid if snapshot else new_uuid_str()
+            child_name = f"{new_uuid_str()}.{fmt}"
+            parent_path = await self.path(row)
+            await storage.in_thread(
+                functools.partial(
+                    layers.create_image,
+                    directory / child_name,
+                    fmt,
+                    row["virtual_size"],
+                    disk_uuid=uuid.UUID(row["uuid"]).bytes,
+                    timestamp=_vhd_now(),
+                    parent=(
+                        parent_path,
+                        fmt,
+                        await storage.in_thread(_disk_uuid, parent_path, fmt, row),
+                    ),
+                )
+            )
+            async with self.db.transaction() as tx:
+                await self._insert(
+                    frozen_uuid,
+                    label if snapshot else row["name_label"],
+                    row,
+                    row["path"],
+                    True,
+                    parent=row["parent"],
+                    now=now,
+                    tx=tx,
+                    hidden=not snapshot,
+                )
+                await tx.execute(
+                    "UPDATE vdis SET path = ?, parent = ?, generation = generation + 1 "
+                    "WHERE uuid = ?",
+                    child_name,
+                    frozen_uuid,
+                    row["uuid"],
+                )
+            if snapshot:
+                return await self._get_any(frozen_uuid)
+            frozen = await self._get_any(frozen_uuid)
+            return await self._child_of(frozen, new_uuid, label, directory, now)
+        finally:
+            if not row["read_only"]:
+                await self.unlock(row["uuid"], task)
+
+    async def _child_of(
+        self, parent: Row, new_uuid: str, label: str, directory: Path, now: float
+    ) -> Row:
+        fmt = parent["image_format"]
+        name = f"{new_uuid}.{fmt}"
+        parent_path = await self.path(parent)
+        await storage.in_thread(
+            functools.partial(
+                layers.create_image,
+                directory / name,
+                fmt,
+                parent["virtual_size"],
+                disk_uuid=uuid.UUID(new_uuid).bytes,
+                timestamp=_vhd_now(),
+                parent=(
+                    parent_path,
+                    fmt,
+                    await storage.in_thread(_disk_uuid, parent_path, fmt, parent),
+                ),
+            )
+        )
+        await self._insert(
+            new_uuid, label, parent, name, False, parent=parent["uuid"], now=now, snapshot_of=None
+        )
+        return await self._get_any(new_uuid)
+
+    async def _insert(
+        self,
+        vdi_uuid: str,
+        label: str,
+        source: Row,
+        filename: str,
+        read_only: bool,
+        *,
+        parent: str | None,
+        snapshot_of: str | None,
+        now: float,
+        tx=None,
+        hidden: bool = False,
+    ) -> None:
+        await (tx or self.db).execute(
+            "INSERT INTO vdis (uuid, ref, name_label, sr, virtual_size, image_format, "
+            "read_only, is_a_snapshot, snapshot_of, parent, path, created, hidden) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            vdi_uuid,
+            new_ref(),
+            label,
+            source["sr"],
+            source["virtual_size"],
+            source["image_format"],
+            int(read_only),
+            int(read_only),
+            snapshot_of,
+            parent,
+            filename,
+            now,
+            int(hidden),
+        )
+
+    async def _get_any(self, vdi_uuid: str) -> Row:
+        row = await self.db.fetchone("SELECT * FROM vdis WHERE uuid = ?", vdi_uuid)
+        assert row is not None
         return row
 
     @staticmethod

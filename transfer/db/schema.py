@@ -75,6 +75,15 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
                 expires DOUBLE PRECISION NOT NULL)""",
         ],
     ),
+    (
+        2,
+        [
+            # A VDI deleted while others still read through its file: kept as a hidden
+            # layer of their chains until the last of them is gone.
+            "ALTER TABLE vdis ADD COLUMN hidden INTEGER NOT NULL DEFAULT 0",
+            "CREATE INDEX vdis_parent ON vdis(parent)",
+        ],
+    ),
 ]
 
 

@@ -100,6 +100,30 @@ async def delete_vdi(request: web.Request) -> web.Response:
     return web.Response(status=204)
 
 
+@routes.post("/vdis/{uuid}/snapshot")
+@requires("operator")
+async def snapshot_vdi(request: web.Request) -> web.Response:
+    """A read-only snapshot; JSON {name_label?} -> 201 with the snapshot's record."""
+    return await _derive(request, snapshot=True)
+
+
+@routes.post("/vdis/{uuid}/clone")
+@requires("operator")
+async def clone_vdi(request: web.Request) -> web.Response:
+    """A writable copy; JSON {name_label?} -> 201 with the new VDI's record."""
+    return await _derive(request, snapshot=False)
+
+
+async def _derive(request: web.Request, snapshot: bool) -> web.Response:
+    vdis = services(request).vdis
+    body = await read_json(request)
+    name = field(body, "name_label", str, None)
+    ident = request.match_info["uuid"]
+    row = await (vdis.snapshot(ident, name) if snapshot else vdis.clone(ident, name))
+    request[LOG_FIELDS]["vdi"] = row["uuid"]
+    return json_response(await vdis.to_json(row), status=201)
+
+
 # -- tasks ---------------------------------------------------------------------------------
 
 

@@ -1,0 +1,85 @@
+"""Snapshots, clones and deletion with dependents (contract: Records; issue: chains)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from tests.rawclient import api, create_vdi, curl_upload
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def srv(shared_server):
+    return shared_server
+
+
+def vdi_file(srv, vdi: dict):
+    return srv.state_dir / "srs" / vdi["sr"] / f"{vdi['uuid']}.{vdi['image_format']}"
+
+
+def upload(srv, vdi, data: bytes, tmp_path, *, query: str = ""):
+    path = tmp_path / "data"
+    path.write_bytes(data)
+    status, body, _err = curl_upload(
+        f"{srv.url}/import_raw_vdi?vdi={vdi['uuid']}{query}", "-T", str(path)
+    )
+    return status, body
+
+
+def download(srv, vdi, tmp_path) -> bytes:
+    import subprocess
+
+    from tests.rawclient import AUTH
+
+    out = tmp_path / "out"
+    subprocess.run(
+        [
+            "curl",
+            "-sS",
+            "-f",
+            "-u",
+            AUTH,
+            "-o",
+            str(out),
+            f"{srv.url}/export_raw_vdi?vdi={vdi['uuid']}",
+        ],
+        check=True,
+    )
+    return out.read_bytes()
+
+
+def test_raw_snapshot_is_a_frozen_copy(srv, tmp_path):
+    vdi = create_vdi(srv.url, 4 * MiB)
+    first = os.urandom(2 * MiB)
+    assert upload(srv, vdi, first, tmp_path)[0] == 200
+    status, snap = api(f"{srv.url}/vdis/{vdi['uuid']}/snapshot", "POST", {"name_label": "s1"})
+    assert status == 201, snap
+    assert snap["is_a_snapshot"] and snap["read_only"] and snap["snapshot_of"] == vdi["uuid"]
+    assert snap["name_label"] == "s1" and snap["virtual_size"] == 4 * MiB
+    assert snap["backing_chain"] == [{"uuid": snap["uuid"], "image_format": "raw"}]
+    # Holes stayed holes in the copy.
+    assert os.stat(vdi_file(srv, snap)).st_blocks * 512 <= 2 * MiB + 65536
+    second = os.urandom(MiB)
+    assert upload(srv, vdi, second, tmp_path)[0] == 200
+    assert download(srv, snap, tmp_path)[: 2 * MiB] == first
+    assert download(srv, vdi, tmp_path)[:MiB] == second
+    # Snapshots are read-only.
+    status, body = upload(srv, snap, second, tmp_path)
+    assert status == 409 and body["error"] == "VDI_READ_ONLY"
+    # A clone of the snapshot is writable and starts from its content.
+    status, clone = api(f"{srv.url}/vdis/{snap['uuid']}/clone", "POST")
+    assert status == 201 and not clone["read_only"] and not clone["is_a_snapshot"]
+    assert download(srv, clone, tmp_path)[: 2 * MiB] == first
+    assert upload(srv, clone, second, tmp_path)[0] == 200
+    assert download(srv, snap, tmp_path)[: 2 * MiB] == first
+    for v in (clone, snap, vdi):
+        assert api(f"{srv.url}/vdis/{v['uuid']}", "DELETE")[0] == 204
+        assert not vdi_file(srv, v).exists()
+
+
+def test_snapshot_of_missing_vdi(srv):
+    status, body = api(f"{srv.url}/vdis/nope/snapshot", "POST")
+    assert status == 404 and body["error"] == "VDI_NOT_FOUND"

@@ -1,0 +1,138 @@
+"""Opening a VDI's files as image drivers, and the file operations of snapshots.
+
+Blocking functions: the service calls them from worker threads. Which files make up a VDI,
+and in what order, comes from the database (`VdiService.chain_rows`), never from names
+inside the files.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import importlib
+import importlib.util
+import os
+from pathlib import Path
+
+from formats.chain import Chain
+from formats.driver import DATA
+from formats.raw_image import RawImage
+from transfer import storage
+
+# runtime format -> (module, driver class); a module not present means not implemented
+DRIVERS = {
+    "raw": ("formats.raw_image", "RawImage"),
+    "vhd": ("formats.vhd_image", "VhdImage"),
+    "qcow2": ("formats.qcow2_image", "Qcow2Image"),
+}
+FICLONE = 0x40049409
+
+
+def runtime_formats() -> tuple[str, ...]:
+    return tuple(f for f, (m, _) in DRIVERS.items() if importlib.util.find_spec(m))
+
+
+def driver_class(fmt: str):
+    module, name = DRIVERS[fmt]
+    return getattr(importlib.import_module(module), name)
+
+
+def open_chain(layers: list[tuple[Path, str]], *, writable: bool) -> Chain:
+    """Open (path, format) layers, top first; only the top may be writable."""
+    opened = []
+    try:
+        for i, (path, fmt) in enumerate(layers):
+            opened.append(driver_class(fmt).open(path, writable=writable and i == 0))
+    except BaseException:
+        for driver in opened:
+            driver.close()
+        raise
+    chain = Chain(opened)
+    if len(opened) > 1 and hasattr(chain.top, "read_parent"):
+        chain.top.read_parent = lambda offset, length: chain.read(offset, length, first=1)
+    return chain
+
+
+def close_chain(chain: Chain) -> None:
+    for driver in chain.layers:
+        driver.close()
+
+
+def create_image(
+    path: Path,
+    fmt: str,
+    size: int,
+    *,
+    disk_uuid: bytes,
+    timestamp: int,
+    parent: tuple[Path, str, bytes] | None = None,
+) -> None:
+    """A new empty image file; `parent` = (parent path, its format, its VHD disk uuid) makes
+    it a child layer. Durable when this returns."""
+    if fmt == "raw":
+        storage.create_sparse(path, size)
+        return
+    cls = driver_class(fmt)
+    if fmt == "vhd":
+        vhd_parent = None
+        if parent is not None:
+            from formats.vhd import vhd_timestamp
+
+            vhd_parent = (
+                parent[2],
+                vhd_timestamp(int(os.stat(parent[0]).st_mtime)),
+                parent[0].name,
+            )
+        image = cls.create(path, size, disk_uuid=disk_uuid, timestamp=timestamp, parent=vhd_parent)
+    else:
+        image = cls.create(
+            path,
+            size,
+            backing=parent[0].name if parent else None,
+            backing_format=parent[1] if parent else None,
+        )
+    try:
+        image.flush()
+    finally:
+        image.close()
+    storage.fsync_dir(path.parent)
+
+
+def copy_sparse(source: Path, target: Path) -> str:
+    """A full copy of a raw file: a reflink where the filesystem shares extents (O(1)),
+    else copy_file_range of the data extents only, so holes stay holes. Returns how."""
+    src = RawImage.open(source, writable=False)
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+    try:
+        try:
+            fcntl.ioctl(fd, FICLONE, src.fd)
+            how = "reflink"
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EXDEV, errno.EINVAL, errno.ENOTTY):
+                raise
+            how = "copy_file_range"
+        if how == "copy_file_range":
+            _copy_data_extents(src, fd)
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        target.unlink(missing_ok=True)
+        raise
+    finally:
+        src.close()
+    os.close(fd)
+    storage.fsync_dir(target.parent)
+    return how
+
+
+def _copy_data_extents(src: RawImage, fd: int) -> None:
+    os.ftruncate(fd, src.virtual_size)
+    for start, length, kind in src.extents():
+        if kind != DATA:
+            continue
+        pos, end = start, start + length
+        while pos < end:
+            n = os.copy_file_range(src.fd, fd, end - pos, pos, pos)
+            if n == 0:
+                raise OSError(f"the copy of {src.path} stopped at byte {pos}")
+            pos += n
