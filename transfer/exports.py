@@ -8,6 +8,7 @@ reading the disk, and the chunk-framed variant carries only the data extents.
 from __future__ import annotations
 
 import asyncio
+import functools
 import importlib
 import importlib.util
 import logging
@@ -17,14 +18,17 @@ import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 from aiohttp import web
 
+from formats.chain import Chain
 from formats.chunked import frames_layout
+from formats.driver import DATA
 from formats.layout import Data, Derived, Literal, OutputLayout, Piece, Zero, raw_layout
-from transfer import storage
+from transfer import layers, storage
 from transfer.db import Row
-from transfer.diskio import READ_SIZE, file_extents
+from transfer.diskio import READ_SIZE
 from transfer.errors import bad_request, choose_format
 from transfer.services import Services
 from transfer.tasks import Transfer
@@ -61,6 +65,7 @@ class ExportPlan:
     base: Row | None
     layout: OutputLayout
     etag: str
+    files: list[tuple[Path, str]]  # the VDI's layers, top first
 
     @property
     def content_type(self) -> str:
@@ -86,8 +91,8 @@ async def plan(
     svc.vdis.check_not_written(vdi)
     # A raw export is always the full disk; `base` is checked so a typo is not silent.
     base = await svc.vdis.get(base_ident) if base_ident else None
-    path = await svc.vdis.path(vdi)
-    extents = await storage.in_thread(file_extents, path, vdi["virtual_size"])
+    files = await svc.vdis.chain_files(vdi)
+    extents = await storage.in_thread(_data_extents, files)
     if chunked:
         layout = frames_layout(extents)
     elif fmt == "raw":
@@ -96,7 +101,16 @@ async def plan(
         layout = encode(fmt, vdi, extents)
     variant = "chunked" if chunked else fmt
     etag = f'"{vdi["uuid"]}.{vdi["generation"]}.{variant}"'
-    return ExportPlan(vdi, fmt, chunked, base, layout, etag)
+    return ExportPlan(vdi, fmt, chunked, base, layout, etag, files)
+
+
+def _data_extents(files: list[tuple[Path, str]]) -> list[tuple[int, int]]:
+    """Blocking: the (offset, length) runs of the VDI that read as data."""
+    chain = layers.open_chain(files, writable=False)
+    try:
+        return [(start, n) for start, n, kind in chain.extents() if kind == DATA]
+    finally:
+        layers.close_chain(chain)
 
 
 def encode(fmt: str, vdi: Row, extents: list[tuple[int, int]]) -> OutputLayout:
@@ -147,14 +161,15 @@ async def send(
     On a plain TCP socket the body goes out by sendfile(2) from a worker thread (zero-copy
     from the page cache; uvloop has no loop.sendfile). Otherwise disk reads run in worker
     threads, one read ahead of the socket."""
-    path = await svc.vdis.path(plan.vdi)
-    fd = await storage.in_thread(os.open, path, os.O_RDONLY)
+    source = await storage.in_thread(
+        functools.partial(layers.open_chain, plan.files, writable=False)
+    )
     try:
         sock_fd = await _idle_socket(request)
         if sock_fd is None:
-            return await _send_with_reads(svc, plan, transfer, response, fd, start, end)
+            return await _send_with_reads(svc, plan, transfer, response, source, start, end)
         try:
-            return await _send_with_sendfile(svc, plan, transfer, sock_fd, fd, start, end)
+            return await _send_with_sendfile(svc, plan, transfer, sock_fd, source, start, end)
         finally:
             os.close(sock_fd)  # only after the worker thread is done with it
     except ConnectionError as exc:
@@ -163,7 +178,7 @@ async def send(
             f"closed the connection ({exc.strerror or exc})"
         ) from None
     finally:
-        await storage.in_thread(os.close, fd)
+        await storage.in_thread(layers.close_chain, source)
 
 
 async def _idle_socket(request: web.Request) -> int | None:
@@ -198,7 +213,7 @@ async def _send_with_sendfile(
     plan: ExportPlan,
     transfer: Transfer,
     sock_fd: int,
-    fd: int,
+    source: Chain,
     start: int,
     end: int,
 ) -> int:
@@ -217,7 +232,9 @@ async def _send_with_sendfile(
                     break
             if not group:
                 return sent[0]
-            future = loop.run_in_executor(None, _sendfile_blocks, sock_fd, fd, group, stop, sent)
+            future = loop.run_in_executor(
+                None, _sendfile_blocks, sock_fd, source, group, stop, sent
+            )
             try:
                 await asyncio.shield(future)
             except asyncio.CancelledError:
@@ -232,48 +249,58 @@ async def _send_with_sendfile(
 
 
 def _sendfile_blocks(
-    sock_fd: int, fd: int, blocks: list, stop: threading.Event, sent: list[int]
+    sock_fd: int, source: Chain, blocks: list, stop: threading.Event, sent: list[int]
 ) -> None:
     """Blocking: send `blocks` on the non-blocking socket, waiting for room with poll and
-    adding to `sent` as bytes go out."""
+    adding to `sent` as bytes go out. Disk data goes by sendfile from whichever layer of the
+    VDI's chain holds it; runs no layer holds are zeros."""
     for block in blocks:
         if stop.is_set():
             raise _Stopped
         if isinstance(block, Data):
-            offset, left = block.offset, block.length
-            while left:
-                try:
-                    n = os.sendfile(sock_fd, fd, offset, left)
-                except BlockingIOError:
-                    _wait_writable(sock_fd, stop)
-                    continue
-                if n == 0:
-                    raise OSError(f"short read at {offset}: the VDI file was truncated")
-                offset += n
-                left -= n
-                sent[0] += n
+            for _, n, layer, host in source.segments(block.offset, block.length):
+                if layer is None:
+                    _write_all(sock_fd, _ZEROS[:n], stop, sent)
+                else:
+                    _sendfile_all(sock_fd, source.layers[layer].fd, host, n, stop, sent)
+        elif isinstance(block, Literal):
+            _write_all(sock_fd, memoryview(block.data), stop, sent)
+        elif isinstance(block, Derived):
+            _write_all(sock_fd, memoryview(_render(source, block)), stop, sent)
         else:
-            if isinstance(block, Literal):
-                view = memoryview(block.data)
-            elif isinstance(block, Derived):
-                view = memoryview(_render(fd, block))
-            else:
-                view = _ZEROS[: block.length]
-            while view:
-                try:
-                    n = os.write(sock_fd, view)
-                except BlockingIOError:
-                    _wait_writable(sock_fd, stop)
-                    continue
-                view = view[n:]
-                sent[0] += n
+            _write_all(sock_fd, _ZEROS[: block.length], stop, sent)
 
 
-def _render(fd: int, piece: Derived) -> bytes:
+def _sendfile_all(
+    sock_fd: int, fd: int, offset: int, left: int, stop: threading.Event, sent: list[int]
+) -> None:
+    while left:
+        try:
+            n = os.sendfile(sock_fd, fd, offset, left)
+        except BlockingIOError:
+            _wait_writable(sock_fd, stop)
+            continue
+        if n == 0:
+            raise OSError(f"short read at {offset}: the VDI file was truncated")
+        offset += n
+        left -= n
+        sent[0] += n
+
+
+def _write_all(sock_fd: int, view: memoryview, stop: threading.Event, sent: list[int]) -> None:
+    while view:
+        try:
+            n = os.write(sock_fd, view)
+        except BlockingIOError:
+            _wait_writable(sock_fd, stop)
+            continue
+        view = view[n:]
+        sent[0] += n
+
+
+def _render(source: Chain, piece: Derived) -> bytes:
     """Blocking: the bytes of a Derived piece, from its source on disk."""
-    source = os.pread(fd, piece.source_length, piece.offset)
-    source += bytes(piece.source_length - len(source))
-    data = piece.render(source)
+    data = piece.render(source.read(piece.offset, piece.source_length))
     if len(data) != piece.length:
         raise ValueError(f"a derived piece rendered {len(data)} bytes, not {piece.length}")
     return data
@@ -292,7 +319,7 @@ async def _send_with_reads(
     plan: ExportPlan,
     transfer: Transfer,
     response: web.StreamResponse,
-    fd: int,
+    source: Chain,
     start: int,
     end: int,
 ) -> int:
@@ -302,10 +329,10 @@ async def _send_with_reads(
 
     def read(block: Piece | None) -> asyncio.Future | None:
         if isinstance(block, Derived):
-            return loop.run_in_executor(None, _render, fd, block)
+            return loop.run_in_executor(None, _render, source, block)
         if not isinstance(block, Data):
             return None
-        return loop.run_in_executor(None, os.pread, fd, block.length, block.offset)
+        return loop.run_in_executor(None, source.read, block.offset, block.length)
 
     try:
         blocks = _blocks(plan.layout, start, end)
