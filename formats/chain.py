@@ -56,7 +56,7 @@ class Chain:
         """DATA / ZERO runs of the disk as a reader sees it, in order, coalesced."""
         length = self.virtual_size - offset if length is None else length
         runs = sorted((s, n, kind) for s, n, _, kind in self._resolve(offset, length))
-        return _coalesce(runs)
+        return coalesce(runs)
 
     def segments(self, offset: int, length: int) -> list[Segment]:
         """Where the range's bytes live: (virtual offset, length, layer, host offset) for
@@ -79,12 +79,12 @@ class Chain:
         for layer in self.layers[:depth]:
             spans.extend((s, n) for s, n, kind in layer.extents() if kind != PARENT)
         out: list[tuple[int, int, str]] = []
-        for start, n in _union(spans):
+        for start, n in union_spans(spans):
             out.extend(self.extents(start, n))
-        return _coalesce(out)
+        return coalesce(out)
 
 
-def _coalesce(runs: list[tuple[int, int, str]]) -> list[tuple[int, int, str]]:
+def coalesce(runs: list[tuple[int, int, str]]) -> list[tuple[int, int, str]]:
     out: list[tuple[int, int, str]] = []
     for start, n, kind in runs:
         if out and out[-1][2] == kind and out[-1][0] + out[-1][1] == start:
@@ -94,7 +94,7 @@ def _coalesce(runs: list[tuple[int, int, str]]) -> list[tuple[int, int, str]]:
     return out
 
 
-def _union(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+def union_spans(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
     """Sorted, disjoint, merged spans."""
     out: list[tuple[int, int]] = []
     for start, n in sorted(spans):

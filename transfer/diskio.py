@@ -58,31 +58,13 @@ def zero_range(fd: int, offset: int, length: int) -> None:
             _pwritev_all(fd, [zeros[: min(len(zeros), length - pos)]], offset + pos)
 
 
-def write_batch(fd: int, offset: int, parts: list, punch: bool) -> WriteStats:
-    """Write contiguous `parts` at `offset`: data runs with pwritev straight from the
-    received buffers (no joining copy), all-zero blocks skipped (or punched when `punch`).
-    Zero detection looks at blocks aligned to disk offsets, cut at part edges. Runs in a
-    worker thread; returns what it wrote and skipped."""
-    stats = WriteStats()
+def zero_and_data_runs(offset: int, parts: list):
+    """Split contiguous `parts` (starting at disk `offset`) into runs: ("data", start,
+    [views]) and ("zero", start, length). Zero detection looks at blocks aligned to disk
+    offsets, cut at part edges; views point into the parts (no copies)."""
     data: list[memoryview] = []
     data_start = zero_start = -1
     pos = offset
-
-    def end_data(at: int) -> None:
-        nonlocal data
-        if data:
-            _pwritev_all(fd, data, data_start)
-            stats.data += at - data_start
-            data = []
-
-    def end_zero(at: int) -> None:
-        nonlocal zero_start
-        if zero_start >= 0:
-            if punch:
-                zero_range(fd, zero_start, at - zero_start)
-            stats.zero += at - zero_start
-            zero_start = -1
-
     for part in parts:
         view = memoryview(part)
         n, i = len(view), 0
@@ -90,19 +72,44 @@ def write_batch(fd: int, offset: int, parts: list, punch: bool) -> WriteStats:
             block_end = min(n, i + ZERO_BLOCK - (pos + i) % ZERO_BLOCK)
             block = view[i:block_end]
             if _ZEROS.startswith(block):
-                end_data(pos + i)
+                if data:
+                    yield "data", data_start, data
+                    data = []
                 if zero_start < 0:
                     zero_start = pos + i
             else:
-                end_zero(pos + i)
+                if zero_start >= 0:
+                    yield "zero", zero_start, pos + i - zero_start
+                    zero_start = -1
                 if not data:
                     data_start = pos + i
                 data.append(block)
             i = block_end
         pos += n
-    end_data(pos)
-    end_zero(pos)
-    linux.start_writeback(fd, offset, pos - offset)
+    if data:
+        yield "data", data_start, data
+    if zero_start >= 0:
+        yield "zero", zero_start, pos - zero_start
+
+
+def write_batch(fd: int, offset: int, parts: list, punch: bool) -> WriteStats:
+    """Write contiguous `parts` at `offset` into a raw file: data runs with pwritev straight
+    from the received buffers (no joining copy), all-zero blocks skipped (or punched when
+    `punch`). Runs in a worker thread; returns what it wrote and skipped."""
+    stats = WriteStats()
+    end = offset
+    for kind, start, item in zero_and_data_runs(offset, parts):
+        if kind == "data":
+            _pwritev_all(fd, item, start)
+            length = sum(len(v) for v in item)
+            stats.data += length
+        else:
+            length = item
+            if punch:
+                zero_range(fd, start, length)
+            stats.zero += length
+        end = start + length
+    linux.start_writeback(fd, offset, end - offset)
     return stats
 
 

@@ -26,7 +26,7 @@ from formats.chain import Chain
 from formats.chunked import frames_layout
 from formats.driver import DATA
 from formats.layout import Data, Derived, Literal, OutputLayout, Piece, Zero, raw_layout
-from transfer import layers, storage
+from transfer import deltas, layers, storage
 from transfer.db import Row
 from transfer.diskio import READ_SIZE
 from transfer.errors import bad_request, choose_format
@@ -89,10 +89,15 @@ async def plan(
         raise bad_request(f"chunked= applies to format raw only, not {fmt}")
     vdi = await svc.vdis.get(vdi_ident)
     svc.vdis.check_not_written(vdi)
-    # A raw export is always the full disk; `base` is checked so a typo is not silent.
     base = await svc.vdis.get(base_ident) if base_ident else None
     files = await svc.vdis.chain_files(vdi)
-    extents = await storage.in_thread(_data_extents, files)
+    extents = await storage.in_thread(data_extents, files)
+    if base is not None and not (fmt == "raw" and not chunked):  # plain raw: the full disk
+        changed = await deltas.changed_runs(svc, vdi, base)
+        layout = encode_delta(fmt, vdi, base, changed)
+        etag = f'"{vdi["uuid"]}.{vdi["generation"]}.{base["uuid"]}.{base["generation"]}.'
+        etag += f'{"chunked" if chunked else fmt}"'
+        return ExportPlan(vdi, fmt, chunked, base, layout, etag, files)
     if chunked:
         layout = frames_layout(extents)
     elif fmt == "raw":
@@ -104,7 +109,51 @@ async def plan(
     return ExportPlan(vdi, fmt, chunked, base, layout, etag, files)
 
 
-def _data_extents(files: list[tuple[Path, str]]) -> list[tuple[int, int]]:
+def encode_delta(
+    fmt: str, vdi: Row, base: Row, changed: list[tuple[int, int, str]]
+) -> OutputLayout:
+    """The layout of what changed since `base`: raw chunk framing carries the changed runs
+    (zero runs as frames of zeros); VHD a differencing disk whose parent is the base (VHD
+    has no zero flag: zeroed sectors go as data); QCOW2 an image backed by the base, with
+    zero clusters where data was removed; tar the chunks that changed (XAPI's semantics)."""
+    spans = [(start, n) for start, n, _ in changed]
+    size = vdi["virtual_size"]
+    if fmt == "raw":
+        return frames_layout(spans)
+    module, name = ENCODERS[fmt]
+    layout_of = getattr(importlib.import_module(module), name)
+    try:
+        if fmt == "vhd":
+            from formats.vhd import vhd_timestamp
+
+            parent = (
+                uuid.UUID(base["uuid"]).bytes,
+                vhd_timestamp(int(base["created"])),
+                f"{base['uuid']}.vhd",
+            )
+            return layout_of(
+                size,
+                spans,
+                disk_uuid=uuid.UUID(vdi["uuid"]).bytes,
+                timestamp=vhd_timestamp(int(vdi["created"])),
+                parent=parent,
+            )
+        if fmt == "qcow2":
+            data = [(s, n) for s, n, kind in changed if kind == DATA]
+            zeros = [(s, n) for s, n, kind in changed if kind != DATA]
+            return layout_of(
+                size,
+                data,
+                backing=f"{base['uuid']}.qcow2",
+                backing_format="qcow2",
+                zero_extents=zeros,
+            )
+        return layout_of(size, spans)
+    except ValueError as exc:
+        raise bad_request(f"VDI {vdi['uuid']} cannot be exported as {fmt}: {exc}") from None
+
+
+def data_extents(files: list[tuple[Path, str]]) -> list[tuple[int, int]]:
     """Blocking: the (offset, length) runs of the VDI that read as data."""
     chain = layers.open_chain(files, writable=False)
     try:

@@ -17,9 +17,11 @@ import os
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 
+from formats.chain import Chain
 from formats.errors import OutOfBounds
 from formats.events import Event, Header, Write, Zero
-from transfer.diskio import write_batch, zero_range
+from transfer import layers
+from transfer.diskio import write_batch, zero_and_data_runs, zero_range
 
 BATCH = 8 << 20
 
@@ -46,16 +48,86 @@ def make_decoder(fmt: str, spill, stream_length: int | None, virtual_size: int |
     return cls(spill=spill, stream_length=stream_length)
 
 
+class FdTarget:
+    """A raw VDI file: written directly, zeros skipped or punched."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def write_run(self, start: int, parts: list, punch: bool) -> int:
+        return write_batch(self.fd, start, parts, punch).data
+
+    def zero(self, offset: int, length: int) -> None:
+        zero_range(self.fd, offset, length)
+
+    def flush(self) -> None:
+        os.fsync(self.fd)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+class ChainTarget:
+    """A VHD/QCOW2 VDI: written through the driver of its chain's top layer, which
+    allocates blocks/clusters; zero runs are zeroed there (masking the layers below)."""
+
+    def __init__(self, chain: Chain):
+        self.chain = chain
+
+    def write_run(self, start: int, parts: list, punch: bool) -> int:
+        written = 0
+        for kind, at, item in zero_and_data_runs(start, parts):
+            if kind == "data":
+                data = item[0] if len(item) == 1 else b"".join(item)
+                self.chain.top.write(at, data)
+                written += len(data)
+            elif punch:
+                self.chain.top.zero(at, item)
+        return written
+
+    def zero(self, offset: int, length: int) -> None:
+        self.chain.top.zero(offset, length)
+
+    def flush(self) -> None:
+        self.chain.top.flush()
+
+    def close(self) -> None:
+        layers.close_chain(self.chain)
+
+
 @dataclass
 class Sink:
-    """Where events land: the open VDI file, its size, and whether zeros must be written
+    """Where events land: the VDI's target, its size, and whether zeros must be written
     (a delta overwrites; a whole image was cleared first, so zeros are skipped)."""
 
-    fd: int | None = None
+    target: FdTarget | ChainTarget | None = None
     size: int = 0
     punch: bool = True
     written: int = 0
     reached: int = 0  # highest disk offset written so far (for progress estimates)
+
+
+class RawAsImage:
+    """A raw or chunk-framed body as image events, for VDIs written through a driver: a
+    delta that changes what it writes (zeros included)."""
+
+    def __init__(self, decoder):
+        self.decoder = decoder
+        self.started = False
+
+    def _header(self) -> Iterator[Event]:
+        if not self.started:
+            self.started = True
+            yield Header(None, whole_image=False)
+
+    def feed(self, data) -> Iterator[Event]:
+        yield from self._header()
+        for offset, chunk in self.decoder.feed(data):
+            yield Write(offset, chunk)
+
+    def finish(self) -> Iterator[Event]:
+        yield from self._header()
+        self.decoder.finish()
 
 
 def events_of(decoder, chunks: list, final: bool) -> Iterator[Event]:
@@ -77,7 +149,7 @@ def apply(events: Iterator[Event], sink: Sink) -> Iterator[Event] | None:
         if isinstance(ev, Header):
             _flush(sink, run, run_start, run_end)
             return itertools.chain((ev,), events)
-        if sink.fd is None:
+        if sink.target is None:
             raise RuntimeError("the decoder wrote before its Header")
         if isinstance(ev, Write):
             end = ev.offset + len(ev.data)
@@ -92,7 +164,7 @@ def apply(events: Iterator[Event], sink: Sink) -> Iterator[Event] | None:
             _flush(sink, run, run_start, run_end)
             _check_bounds(ev.offset, ev.offset + ev.length, sink.size)
             if ev.length:
-                zero_range(sink.fd, ev.offset, ev.length)
+                sink.target.zero(ev.offset, ev.length)
                 sink.reached = max(sink.reached, ev.offset + ev.length)
     _flush(sink, run, run_start, run_end)
     return None
@@ -100,8 +172,7 @@ def apply(events: Iterator[Event], sink: Sink) -> Iterator[Event] | None:
 
 def _flush(sink: Sink, run: list, start: int, end: int) -> None:
     if run and end > start:
-        stats = write_batch(sink.fd, start, run, sink.punch)
-        sink.written += stats.data
+        sink.written += sink.target.write_run(start, run, sink.punch)
         sink.reached = max(sink.reached, end)
     run.clear()
 
@@ -160,7 +231,3 @@ async def run_pipeline(
             if not pending.cancelled():
                 pending.exception()
     return received
-
-
-def fsync(fd: int) -> None:
-    os.fsync(fd)

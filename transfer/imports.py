@@ -7,6 +7,7 @@ owns the rules: which target, which size, which decoder, and what a failure leav
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from dataclasses import dataclass
@@ -19,9 +20,9 @@ from formats.chunked import ChunkDecoder
 from formats.errors import FormatError, FramingError, OutOfBounds
 from formats.events import Header
 from formats.raw import RawDecoder
-from transfer import image_import, storage
+from transfer import image_import, layers, storage
 from transfer.db import Row
-from transfer.diskio import DiskWriter, zero_range
+from transfer.diskio import DiskWriter
 from transfer.errors import ApiError, bad_request, choose_format
 from transfer.logs import event
 from transfer.services import Services
@@ -181,7 +182,7 @@ def decoder_for(plan: ImportPlan) -> Decoder:
 async def receive(svc: Services, job: ImportJob, body: StreamReader) -> int:
     """Stream the body into the VDI; returns the body's byte count once it is durable."""
     try:
-        if job.plan.params.format == "raw":
+        if job.plan.params.format == "raw" and job.vdi and job.vdi["image_format"] == "raw":
             received = await _receive_raw(svc, job, body)
         else:
             received = await _receive_image(svc, job, body)
@@ -262,7 +263,10 @@ async def _receive_image(svc: Services, job: ImportJob, body: StreamReader) -> i
     spill = None
     if fmt in image_import.SPILLING:
         spill = await storage.in_thread(FileSpill, Path(plan.sr["path"]), transfer.task)
-    decoder = image_import.make_decoder(fmt, spill, plan.expected, plan.virtual_size)
+    if fmt == "raw":  # a raw body into a VDI written through its driver
+        decoder = image_import.RawAsImage(decoder_for(plan))
+    else:
+        decoder = image_import.make_decoder(fmt, spill, plan.expected, plan.virtual_size)
     sink = image_import.Sink()
 
     async def on_header(header: Header) -> None:
@@ -277,19 +281,19 @@ async def _receive_image(svc: Services, job: ImportJob, body: StreamReader) -> i
             job.created = True
             await svc.vdis.lock(job.vdi["uuid"], transfer.task)
             await svc.tasks.set_vdi(transfer, job.vdi["uuid"])
-            sink.fd = await _open(svc, job.vdi)
+            sink.target = await _open(svc, job.vdi)
             sink.size = job.vdi["virtual_size"]
         else:
             size = job.vdi["virtual_size"]
             if declared is not None and declared > size:
                 raise _too_small(declared, size)
-            if sink.fd is None:
-                sink.fd = await _open(svc, job.vdi)
+            if sink.target is None:
+                sink.target = await _open(svc, job.vdi)
                 sink.size = size
             if header.whole_image:
                 # A whole image replaces the disk up to its size: clear that first, so what
                 # it leaves unallocated reads as zero.
-                await storage.in_thread(zero_range, sink.fd, 0, declared or size)
+                await storage.in_thread(sink.target.zero, 0, declared or size)
         sink.punch = not header.whole_image
         event(
             log,
@@ -312,12 +316,12 @@ async def _receive_image(svc: Services, job: ImportJob, body: StreamReader) -> i
         transfer.bytes = received
         if plan.expected is not None and received != plan.expected:
             raise _short_body(received, plan.expected)
-        if sink.fd is None:
+        if sink.target is None:
             raise ApiError("IMAGE_INVALID", f"the {fmt} stream ended before its header")
-        await storage.in_thread(os.fsync, sink.fd)
+        await storage.in_thread(sink.target.flush)
     finally:
-        if sink.fd is not None:
-            await storage.in_thread(os.close, sink.fd)
+        if sink.target is not None:
+            await storage.in_thread(sink.target.close)
         if spill is not None:
             await storage.in_thread(spill.close)
     event(
@@ -332,8 +336,14 @@ async def _receive_image(svc: Services, job: ImportJob, body: StreamReader) -> i
     return received
 
 
-async def _open(svc: Services, vdi: Row) -> int:
-    return await storage.in_thread(os.open, await svc.vdis.path(vdi), os.O_WRONLY)
+async def _open(svc: Services, vdi: Row) -> image_import.FdTarget | image_import.ChainTarget:
+    """Where an import writes: a raw VDI's file directly, any other through its chain."""
+    if vdi["image_format"] == "raw":
+        fd = await storage.in_thread(os.open, await svc.vdis.path(vdi), os.O_WRONLY)
+        return image_import.FdTarget(fd)
+    files = await svc.vdis.chain_files(vdi)
+    chain = await storage.in_thread(functools.partial(layers.open_chain, files, writable=True))
+    return image_import.ChainTarget(chain)
 
 
 def _too_small(declared: int, size: int) -> ApiError:

@@ -255,6 +255,7 @@ class VdiService:
                     row["path"],
                     True,
                     parent=row["parent"],
+                    snapshot_of=row["uuid"] if snapshot else None,
                     now=now,
                     tx=tx,
                     hidden=not snapshot,

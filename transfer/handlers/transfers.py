@@ -12,8 +12,8 @@ import contextlib
 from aiohttp import web
 
 from auth.middleware import PRINCIPAL, requires
-from transfer import exports, imports, storage
-from transfer.diskio import file_extents
+from formats.driver import DATA
+from transfer import deltas, exports, imports, storage
 from transfer.errors import ApiError, bad_request
 from transfer.handlers.common import json_response
 from transfer.logs import LOG_FIELDS
@@ -215,13 +215,14 @@ async def extents(request: web.Request) -> web.Response:
     vdi = await svc.vdis.get(request.match_info["uuid"])
     request[LOG_FIELDS]["vdi"] = vdi["uuid"]
     if request.query.get("base"):
-        await svc.vdis.get(request.query["base"])
-        raise ApiError(
-            "FORMAT_UNSUPPORTED",
-            "extents against a base need snapshot chains, which are not implemented yet",
+        # The difference from an older snapshot: the changed runs only.
+        base = await svc.vdis.get(request.query["base"])
+        changed = await deltas.changed_runs(svc, vdi, base)
+        return json_response(
+            [{"start": s, "length": n, "zero": kind != DATA} for s, n, kind in changed]
         )
-    path = await svc.vdis.path(vdi)
-    data = await storage.in_thread(file_extents, path, vdi["virtual_size"])
+    files = await svc.vdis.chain_files(vdi)
+    data = await storage.in_thread(exports.data_extents, files)
     out, pos = [], 0
     for start, length in data:
         if start > pos:

@@ -1,0 +1,128 @@
+"""The loop a backup tool runs every night, end to end with curl (issue: incremental exports).
+
+Full export of S1; write; snapshot S2; export base=S1; write; snapshot S3; export base=S2.
+Restore: import the full export into a new VDI, clone it, import each delta in order: the
+result must equal S3 byte for byte. For VHD and QCOW2 exports, and raw, VHD and QCOW2 VDIs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+
+import pytest
+
+from tests.rawclient import AUTH, api, curl_upload
+
+MiB = 1 << 20
+SIZE = 24 * MiB + 512 * 3
+
+
+@pytest.fixture
+def srv(shared_server):
+    return shared_server
+
+
+def write(srv, vdi: str, tmp_path, frames: list[tuple[int, bytes]]) -> None:
+    """Change some of the disk through chunk framing: data, and a zeroed range."""
+    import struct
+
+    body = b"".join(struct.pack("<QI", off, len(d)) + d for off, d in frames) + bytes(12)
+    path = tmp_path / "frames"
+    path.write_bytes(body)
+    status, result, err = curl_upload(
+        f"{srv.url}/import_raw_vdi?vdi={vdi}&chunked=1", "-T", str(path)
+    )
+    assert status == 200, (result, err)
+
+
+def export(srv, vdi: str, fmt: str, dest, base: str | None = None):
+    query = f"vdi={vdi}&format={fmt}" + (f"&base={base}" if base else "")
+    subprocess.run(
+        ["curl", "-sS", "-f", "-u", AUTH, "-o", str(dest), f"{srv.url}/export_raw_vdi?{query}"],
+        check=True,
+        capture_output=True,
+    )
+    return dest
+
+
+def sha_of(srv, vdi: str, tmp_path) -> str:
+    out = export(srv, vdi, "raw", tmp_path / f"{vdi}.raw")
+    return hashlib.sha256(out.read_bytes()).hexdigest()
+
+
+def snapshot(srv, vdi: str) -> str:
+    status, snap = api(f"{srv.url}/vdis/{vdi}/snapshot", "POST")
+    assert status == 201, snap
+    return snap["uuid"]
+
+
+@pytest.mark.parametrize("runtime", ["raw", "vhd", "qcow2"])
+@pytest.mark.parametrize("fmt", ["vhd", "qcow2"])
+def test_nightly_backup_and_restore(srv, tmp_path, runtime, fmt):
+    if runtime != "raw":
+        pytest.importorskip(f"formats.{runtime}_image")
+    status, vdi = api(
+        f"{srv.url}/vdis",
+        "POST",
+        {"virtual_size": SIZE, "image_format": runtime, "name_label": "disk"},
+    )
+    assert status == 201, vdi
+    v = vdi["uuid"]
+    write(
+        srv,
+        v,
+        tmp_path,
+        [
+            (0, os.urandom(3 * MiB)),
+            (10 * MiB, os.urandom(2 * MiB)),
+            (SIZE - 4096, os.urandom(4096)),
+        ],
+    )
+    s1 = snapshot(srv, v)
+    full = export(srv, s1, fmt, tmp_path / f"full.{fmt}")
+
+    write(
+        srv,
+        v,
+        tmp_path,
+        [(MiB, os.urandom(MiB + 512)), (10 * MiB, bytes(MiB)), (20 * MiB, os.urandom(4096))],
+    )
+    s2 = snapshot(srv, v)
+    delta1 = export(srv, s2, fmt, tmp_path / f"d1.{fmt}", base=s1)
+
+    write(srv, v, tmp_path, [(0, bytes(512)), (15 * MiB, os.urandom(3 * MiB))])
+    s3 = snapshot(srv, v)
+    delta2 = export(srv, s3, fmt, tmp_path / f"d2.{fmt}", base=s2)
+    # A delta carries the change, not the disk.
+    assert delta2.stat().st_size < full.stat().st_size
+
+    sr = api(f"{srv.url}/srs")[1][0]["uuid"]
+    status, restored, err = curl_upload(
+        f"{srv.url}/import_raw_vdi?sr={sr}&format={fmt}", "-T", str(full)
+    )
+    assert status == 200, (restored, err)
+    status, work = api(f"{srv.url}/vdis/{restored['vdi']}/clone", "POST")
+    assert status == 201, work
+    for delta in (delta1, delta2):
+        status, result, err = curl_upload(
+            f"{srv.url}/import_raw_vdi?vdi={work['uuid']}&format={fmt}", "-T", str(delta)
+        )
+        assert status == 200, (result, err)
+    assert sha_of(srv, work["uuid"], tmp_path) == sha_of(srv, s3, tmp_path)
+    assert sha_of(srv, s1, tmp_path) != sha_of(srv, s3, tmp_path)
+
+
+def test_extents_against_a_base(srv, tmp_path):
+    status, vdi = api(f"{srv.url}/vdis", "POST", {"virtual_size": 8 * MiB})
+    v = vdi["uuid"]
+    write(srv, v, tmp_path, [(0, os.urandom(2 * MiB))])
+    s1 = snapshot(srv, v)
+    write(srv, v, tmp_path, [(4 * MiB, os.urandom(MiB)), (0, bytes(MiB))])
+    status, changed = api(f"{srv.url}/vdis/{v}/extents?base={s1}")
+    assert status == 200
+    assert changed == [
+        {"start": 0, "length": MiB, "zero": True},
+        {"start": 4 * MiB, "length": MiB, "zero": False},
+    ]
