@@ -53,3 +53,27 @@ def test_invalid_toml(tmp_path):
     toml.write_text("port = \n")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load({"config": toml}, env={})
+
+
+@pytest.mark.parametrize(
+    "mapping, message",
+    [
+        ("raw:raw, raw:vhd", "'raw:vhd' maps 'raw' a second time"),
+        ("tar:tar", "'tar:tar': 'tar' is not a runtime format"),
+        ("vmdk:raw", "'vmdk:raw': 'vmdk' is not an upload format"),
+        ("qcow2", "'qcow2' is not source:runtime"),
+    ],
+)
+def test_images_type_mapping_errors_name_the_entry(mapping, message):
+    with pytest.raises(ConfigError, match=message):
+        load({}, env={"VDIT_IMAGES_TYPE_MAPPING": mapping})
+
+
+def test_images_type_mapping(tmp_path):
+    toml = tmp_path / "c.toml"
+    toml.write_text('images_type = "vhd"\nimages_type_mapping = ["raw:raw", "qcow2:qcow2"]\n')
+    cfg = load({"config": toml}, env={})
+    assert cfg.image_mapping == {"raw": "raw", "qcow2": "qcow2"}
+    assert cfg.images_type == "vhd"
+    with pytest.raises(ConfigError, match="images_type: 'tar'"):
+        load({}, env={"VDIT_IMAGES_TYPE": "tar"})

@@ -318,3 +318,42 @@ def test_qcow2_with_l1_at_the_end_goes_through_the_spill_file(srv, tmp_path):
     assert vdi["virtual_size"] == 600 * MiB
     assert sha256_file(vdi_file(srv, vdi)) == sha256_file(expected)
     assert list((srv.state_dir / "srs" / sr).glob(".spill-*")) == []
+
+
+def test_images_type_mapping_picks_the_runtime_format(reference, tmp_path):
+    """A server configured with qcow2:vhd stores a qcow2 upload as a VHD VDI, same content."""
+    pytest.importorskip("formats.qcow2")
+    pytest.importorskip("formats.vhd_image")
+    from tests.conftest import ServerProcess
+
+    srv = ServerProcess(tmp_path / "state", env={"VDIT_IMAGES_TYPE_MAPPING": "qcow2:vhd"}).start()
+    try:
+        image = image_of(reference, "qcow2", tmp_path)
+        sr = api(f"{srv.url}/srs")[1][0]["uuid"]
+        status, body, err = upload(srv, image, f"sr={sr}&format=qcow2")
+        assert status == 200, (body, err)
+        _, vdi = api(f"{srv.url}/vdis/{body['vdi']}")
+        assert vdi["image_format"] == "vhd"
+        out = tmp_path / "back.raw"
+        subprocess.run(
+            [
+                "curl",
+                "-sS",
+                "-f",
+                "-u",
+                AUTH,
+                "-o",
+                str(out),
+                f"{srv.url}/export_raw_vdi?vdi={vdi['uuid']}",
+            ],
+            check=True,
+        )
+        assert sha256_file(out) == sha256_file(reference)
+        stored = srv.state_dir / "srs" / sr / f"{vdi['uuid']}.vhd"
+        subprocess.run(
+            ["qemu-img", "compare", "-f", "vpc", "-F", "raw", str(stored), str(reference)],
+            check=True,
+            capture_output=True,
+        )
+    finally:
+        srv.stop()

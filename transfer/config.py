@@ -29,9 +29,14 @@ class Config:
     task_ttl: int = 24 * 3600  # seconds a finished task is kept before garbage collection
     task_gc_interval: int = 60
     heartbeat_interval: int = 10
+    # Runtime format of VDIs that imports create with sr=: by the upload's format through
+    # images_type_mapping ("source:runtime, ..."), else images_type.
+    images_type: str = "raw"
+    images_type_mapping: str = ""  # e.g. "raw:raw, qcow2:qcow2, vhd:vhd"
     admin_password: str = ""  # for the first start only; generated and logged once if empty
     shutdown_timeout: float = 10.0  # seconds in-flight requests get on SIGTERM before they fail
     config: Path | None = None
+    image_mapping: dict[str, str] = field(default_factory=dict, repr=False)  # derived
 
     @property
     def database(self) -> str:
@@ -47,11 +52,47 @@ class Config:
         return f"http://{host}:{self.port}"
 
 
-FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+FIELDS = {f.name: f for f in dataclasses.fields(Config) if f.name != "image_mapping"}
+SOURCE_FORMATS = ("raw", "vhd", "qcow2", "tar", "ova")  # what an upload may be
+RUNTIME_FORMATS = ("raw", "vhd", "qcow2")  # how a VDI may be stored
+
+
+def parse_images_type_mapping(text: str, default: str) -> dict[str, str]:
+    """ "raw:raw, qcow2:qcow2" -> {source: runtime}; ConfigError naming the bad entry."""
+    if default not in RUNTIME_FORMATS:
+        raise ConfigError(
+            f"images_type: {default!r} is not a runtime format ({', '.join(RUNTIME_FORMATS)})"
+        )
+    mapping: dict[str, str] = {}
+    for entry in (e.strip() for e in text.split(",")):
+        if not entry:
+            continue
+        source, sep, runtime = (part.strip().lower() for part in entry.partition(":"))
+        if not sep or not source or not runtime:
+            raise ConfigError(f"images_type_mapping: {entry!r} is not source:runtime")
+        if source not in SOURCE_FORMATS:
+            raise ConfigError(
+                f"images_type_mapping: {entry!r}: {source!r} is not an upload format "
+                f"({', '.join(SOURCE_FORMATS)})"
+            )
+        if runtime not in RUNTIME_FORMATS:
+            raise ConfigError(
+                f"images_type_mapping: {entry!r}: {runtime!r} is not a runtime format "
+                f"({', '.join(RUNTIME_FORMATS)}): tar and ova are upload formats only"
+            )
+        if source in mapping:
+            raise ConfigError(
+                f"images_type_mapping: {entry!r} maps {source!r} a second time "
+                f"(already to {mapping[source]!r})"
+            )
+        mapping[source] = runtime
+    return mapping
 
 
 def _coerce(name: str, value: Any) -> Any:
     kind = FIELDS[name].type
+    if name == "images_type_mapping" and isinstance(value, list):
+        value = ", ".join(str(v) for v in value)  # TOML may give a list of "a:b" strings
     try:
         if kind == "int":
             return int(value)
@@ -111,6 +152,7 @@ def _validate(cfg: Config) -> None:
     for name in ("session_ttl", "task_ttl", "task_gc_interval", "heartbeat_interval"):
         if getattr(cfg, name) <= 0:
             raise ConfigError(f"{name}: must be a positive number of seconds")
+    cfg.image_mapping = parse_images_type_mapping(cfg.images_type_mapping, cfg.images_type)
     if cfg.database_url and not cfg.database_url.startswith(
         ("sqlite:", "postgresql:", "postgres:")
     ):

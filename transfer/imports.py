@@ -168,8 +168,20 @@ async def start(svc: Services, plan: ImportPlan, user: str) -> ImportJob:
     return job
 
 
+def runtime_format(svc: Services, plan: ImportPlan) -> str:
+    """How a VDI created by an import is stored: the configured mapping from the upload's
+    format, else the default; if the SR cannot store that, the SR's default."""
+    config = svc.config
+    wanted = config.image_mapping.get(plan.params.format, config.images_type)
+    if wanted in svc.srs.formats(plan.sr) and wanted in layers.runtime_formats():
+        return wanted
+    return plan.sr["default_image_format"]
+
+
 async def _create_vdi(svc: Services, plan: ImportPlan, size: int) -> Row:
-    return await svc.vdis.create(plan.sr, plan.params.name_label or DEFAULT_NAME, size, "raw")
+    return await svc.vdis.create(
+        plan.sr, plan.params.name_label or DEFAULT_NAME, size, runtime_format(svc, plan)
+    )
 
 
 def decoder_for(plan: ImportPlan) -> Decoder:
