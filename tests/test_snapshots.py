@@ -83,3 +83,31 @@ def test_raw_snapshot_is_a_frozen_copy(srv, tmp_path):
 def test_snapshot_of_missing_vdi(srv):
     status, body = api(f"{srv.url}/vdis/nope/snapshot", "POST")
     assert status == 404 and body["error"] == "VDI_NOT_FOUND"
+
+
+def test_cli_sr_list_and_vdi_verify(srv, tmp_path):
+    import subprocess
+    import sys
+
+    def cli(*args):
+        return subprocess.run(
+            [sys.executable, "-m", "transfer", *args, "--state-dir", str(srv.state_dir)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    listed = cli("sr", "list")
+    assert listed.returncode == 0, listed.stderr
+    assert "Local storage\tlocal\tFalse\traw,vhd,qcow2\traw" in listed.stdout
+    vdi = create_vdi(srv.url, 4 * MiB)
+    ok = cli("vdi", "verify", vdi["uuid"])
+    assert ok.returncode == 0 and "files and records agree" in ok.stdout, ok.stdout + ok.stderr
+    os.truncate(vdi_file(srv, vdi), 3 * MiB)  # damage the file behind the record's back
+    bad = cli("vdi", "verify", vdi["ref"])
+    assert bad.returncode == 1
+    assert f"the file holds {3 * MiB} bytes, the record says {4 * MiB}" in bad.stdout
+    os.remove(vdi_file(srv, vdi))
+    assert "the file is missing" in cli("vdi", "verify", vdi["uuid"]).stdout
+    missing = cli("vdi", "verify", "nope")
+    assert missing.returncode == 1 and "VDI_NOT_FOUND" in missing.stderr

@@ -52,6 +52,16 @@ def build_parser() -> argparse.ArgumentParser:
     remove.add_argument("username")
     for p in (add, passwd, user_sub.choices["list"], remove):
         _common(p)
+
+    sr = sub.add_parser("sr", help="storage repositories")
+    sr_sub = sr.add_subparsers(dest="action", required=True)
+    _common(sr_sub.add_parser("list", help="list SRs and the image formats they store"))
+
+    vdi = sub.add_parser("vdi", help="virtual disks")
+    vdi_sub = vdi.add_subparsers(dest="action", required=True)
+    verify = vdi_sub.add_parser("verify", help="check that a VDI's files agree with its records")
+    verify.add_argument("vdi", help="uuid or OpaqueRef")
+    _common(verify)
     return parser
 
 
@@ -100,12 +110,58 @@ def _user(args: argparse.Namespace, config: Config) -> None:
         print(f"user {args.username} removed")
 
 
+def _services_offline(config: Config, action: Callable[[Any], Awaitable[int]]) -> int:
+    """Run `action(services)` against the state dir, without a server."""
+    from transfer.app import open_services
+
+    async def go() -> int:
+        svc = await open_services(config)
+        try:
+            return await action(svc)
+        finally:
+            await svc.db.close()
+
+    return asyncio.run(go())
+
+
+def _sr(args: argparse.Namespace, config: Config) -> int:
+    async def show(svc: Any) -> int:
+        print("uuid\tname_label\ttype\tshared\tsupported_image_formats\tdefault_image_format")
+        for row in await svc.srs.list():
+            print(
+                f"{row['uuid']}\t{row['name_label']}\t{row['type']}\t{bool(row['shared'])}"
+                f"\t{','.join(svc.srs.formats(row))}\t{row['default_image_format']}"
+            )
+        return 0
+
+    return _services_offline(config, show)
+
+
+def _vdi(args: argparse.Namespace, config: Config) -> int:
+    from transfer import verify
+    from transfer.storage import in_thread
+
+    async def check(svc: Any) -> int:
+        row = await svc.vdis.get(args.vdi)
+        rows = await svc.vdis.chain_rows(row)
+        files = await svc.vdis.chain_files(row)
+        problems = await in_thread(verify.check_chain, rows, files)
+        chain = " -> ".join(f"{r['uuid']} ({r['image_format']})" for r in rows)
+        print(f"VDI {row['uuid']}: chain {chain}")
+        for problem in problems:
+            print(f"  PROBLEM: {problem}")
+        print("  files and records agree" if not problems else f"  {len(problems)} problem(s)")
+        return 1 if problems else 0
+
+    return _services_offline(config, check)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     options = {
         k: v
         for k, v in vars(args).items()
-        if k not in ("command", "action", "username", "role", "password_stdin")
+        if k not in ("command", "action", "username", "role", "password_stdin", "vdi")
     }
     try:
         config = load(options)
@@ -120,6 +176,10 @@ def main(argv: list[str] | None = None) -> int:
             serve(config)
         elif args.command == "user":
             _user(args, config)
+        elif args.command == "sr":
+            return _sr(args, config)
+        elif args.command == "vdi":
+            return _vdi(args, config)
     except ApiError as exc:
         print(f"vdi-transfer: {exc.code}: {exc.message}", file=sys.stderr)
         return 1
