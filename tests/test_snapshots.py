@@ -111,3 +111,48 @@ def test_cli_sr_list_and_vdi_verify(srv, tmp_path):
     assert "the file is missing" in cli("vdi", "verify", vdi["uuid"]).stdout
     missing = cli("vdi", "verify", "nope")
     assert missing.returncode == 1 and "VDI_NOT_FOUND" in missing.stderr
+
+
+def test_vhd_snapshot_chain_and_verify(srv, tmp_path):
+    """A VHD VDI's snapshot is O(1): a new child layer; reads resolve through the chain, and
+    verify finds the files and records in agreement."""
+    pytest.importorskip("formats.vhd_image")
+    import subprocess
+    import sys
+
+    status, vdi = api(f"{srv.url}/vdis", "POST", {"virtual_size": 8 * MiB, "image_format": "vhd"})
+    assert status == 201, vdi
+    first = os.urandom(3 * MiB)
+    assert upload(srv, vdi, first, tmp_path)[0] == 200
+    status, snap = api(f"{srv.url}/vdis/{vdi['uuid']}/snapshot", "POST")
+    assert status == 201
+    _, now = api(f"{srv.url}/vdis/{vdi['uuid']}")
+    assert [layer["uuid"] for layer in now["backing_chain"]] == [vdi["uuid"], snap["uuid"]]
+    assert now["parent"] == snap["uuid"] and now["physical_utilisation"] < MiB
+    second = os.urandom(MiB)
+    assert upload(srv, vdi, second, tmp_path)[0] == 200
+    assert download(srv, vdi, tmp_path)[: 3 * MiB] == second + first[MiB:]
+    assert download(srv, snap, tmp_path)[: 3 * MiB] == first
+    verified = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "transfer",
+            "vdi",
+            "verify",
+            vdi["uuid"],
+            "--state-dir",
+            str(srv.state_dir),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    # Deleting the snapshot keeps its file: the VDI still reads through it.
+    assert api(f"{srv.url}/vdis/{snap['uuid']}", "DELETE")[0] == 204
+    assert api(f"{srv.url}/vdis/{snap['uuid']}")[0] == 404
+    assert download(srv, vdi, tmp_path)[: 3 * MiB] == second + first[MiB:]
+    assert api(f"{srv.url}/vdis/{vdi['uuid']}", "DELETE")[0] == 204
+    leftovers = list((srv.state_dir / "srs" / vdi["sr"]).glob("*.vhd"))
+    assert leftovers == []

@@ -49,17 +49,17 @@ def _parent_problems(name, fmt, driver, parent, rows, i) -> list[str]:
         if (named or None) != expected:
             return [f"{name}: the file names backing {named!r}, the records say {expected!r}"]
     if fmt == "vhd":
-        named = getattr(driver, "parent_uuid", None)
+        named = getattr(driver, "parent", None)  # (uuid, timestamp, name) or None
         if parent is None:
-            if named and any(named):
+            if named is not None:
                 return [f"{name}: the file is a differencing disk but the record has no parent"]
-        elif named is not None:
+        elif named is None:
+            return [f"{name}: the file is not a differencing disk but the record has a parent"]
+        else:
             expected = _vhd_disk_uuid(parent[0])
-            if named != expected:
-                return [
-                    f"{name}: the file names parent {uuid.UUID(bytes=named)}, the parent "
-                    f"layer's disk is {uuid.UUID(bytes=expected)}"
-                ]
+            if named[0] != expected:
+                return [f"{name}: the file names parent {uuid.UUID(bytes=named[0])}, the "
+                        f"parent layer's disk is {uuid.UUID(bytes=expected)}"]
     return []
 
 
