@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from formats.driver import DATA, PARENT, ZERO, ImageDriver
 
 Segment = tuple[int, int, int | None, int]  # virtual offset, length, layer index or None, host
+READ = -1  # a segment's host offset when its data must be read (and decoded) by the driver
 
 
 class Chain:
@@ -60,12 +61,19 @@ class Chain:
 
     def segments(self, offset: int, length: int) -> list[Segment]:
         """Where the range's bytes live: (virtual offset, length, layer, host offset) for
-        data, (virtual offset, length, None, 0) for zeros; in order."""
+        data, host READ where the layer must decode it (no raw host range), and
+        (virtual offset, length, None, 0) for zeros; in order."""
         out: list[Segment] = []
         for start, n, index, kind in sorted(self._resolve(offset, length)):
             if kind == DATA and index is not None:
+                pos = start
                 for v, m, host in self.layers[index].map(start, n):
+                    if v > pos:  # data with no host range (a compressed cluster): read it
+                        out.append((pos, v - pos, index, READ))
                     out.append((v, m, index, host))
+                    pos = v + m
+                if pos < start + n:
+                    out.append((pos, start + n - pos, index, READ))
             else:
                 out.append((start, n, None, 0))
         out.sort()

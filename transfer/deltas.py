@@ -22,7 +22,10 @@ from transfer.storage import in_thread
 COMPARE_BLOCK = 1 << 20
 
 
-async def changed_runs(svc: Services, vdi: Row, base: Row) -> list[tuple[int, int, str]]:
+async def changed_runs(
+    svc: Services, vdi: Row, base: Row, chain: Chain | None = None
+) -> list[tuple[int, int, str]]:
+    """`chain`: the VDI's chain if the caller has it open already (it stays open)."""
     if base["virtual_size"] != vdi["virtual_size"]:
         raise bad_request(
             f"base {base['uuid']} has {base['virtual_size']} bytes and VDI {vdi['uuid']} "
@@ -33,7 +36,7 @@ async def changed_runs(svc: Services, vdi: Row, base: Row) -> list[tuple[int, in
     vdi_files = [(await svc.vdis.path(r), r["image_format"]) for r in vdi_rows]
     base_files = [(await svc.vdis.path(r), r["image_format"]) for r in base_rows]
     if "raw" in (vdi["image_format"], base["image_format"]):
-        return await in_thread(_compare, vdi_files, base_files)
+        return await in_thread(_compare, vdi_files, base_files, chain)
     vdi_ids = [r["uuid"] for r in vdi_rows]
     base_ids = [r["uuid"] for r in base_rows]
     common = next((u for u in vdi_ids if u in base_ids), None)
@@ -52,8 +55,9 @@ def _from_chains(
     vdi_depth: int,
     base_files: list[tuple[Path, str]],
     base_depth: int,
+    opened: Chain | None = None,
 ) -> list[tuple[int, int, str]]:
-    vdi_chain = layers.open_chain(vdi_files, writable=False)
+    vdi_chain = opened or layers.open_chain(vdi_files, writable=False)
     base_chain = layers.open_chain(base_files, writable=False) if base_depth else None
     try:
         spans: list[tuple[int, int]] = []
@@ -67,20 +71,24 @@ def _from_chains(
             out.extend(vdi_chain.extents(start, n))
         return coalesce(out)
     finally:
-        layers.close_chain(vdi_chain)
+        if opened is None:
+            layers.close_chain(vdi_chain)
         if base_chain is not None:
             layers.close_chain(base_chain)
 
 
 def _compare(
-    vdi_files: list[tuple[Path, str]], base_files: list[tuple[Path, str]]
+    vdi_files: list[tuple[Path, str]],
+    base_files: list[tuple[Path, str]],
+    opened: Chain | None = None,
 ) -> list[tuple[int, int, str]]:
-    vdi_chain = layers.open_chain(vdi_files, writable=False)
+    vdi_chain = opened or layers.open_chain(vdi_files, writable=False)
     base_chain = layers.open_chain(base_files, writable=False)
     try:
         return coalesce(list(_differing_blocks(vdi_chain, base_chain)))
     finally:
-        layers.close_chain(vdi_chain)
+        if opened is None:
+            layers.close_chain(vdi_chain)
         layers.close_chain(base_chain)
 
 

@@ -18,11 +18,10 @@ import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 from aiohttp import web
 
-from formats.chain import Chain
+from formats.chain import READ, Chain
 from formats.chunked import frames_layout
 from formats.driver import DATA
 from formats.layout import Data, Derived, Literal, OutputLayout, Piece, Zero, raw_layout
@@ -65,7 +64,10 @@ class ExportPlan:
     base: Row | None
     layout: OutputLayout
     etag: str
-    files: list[tuple[Path, str]]  # the VDI's layers, top first
+    chain: Chain  # the VDI's layers, open read-only until the export is done: close() it
+
+    async def close(self) -> None:
+        await storage.in_thread(layers.close_chain, self.chain)
 
     @property
     def content_type(self) -> str:
@@ -84,29 +86,35 @@ async def plan(
     svc: Services, vdi_ident: str, fmt: str, chunked: bool, base_ident: str | None
 ) -> ExportPlan:
     """Check the request and lay out the output. The caller holds a read claim on the VDI
-    (`svc.vdis.readers`) so no writer can start while it is being laid out or sent."""
+    (`svc.vdis.readers`) so no writer can start while it is being laid out or sent. The
+    VDI's chain is opened once, here, and stays open in the plan until `plan.close()`."""
     if chunked and fmt != "raw":
         raise bad_request(f"chunked= applies to format raw only, not {fmt}")
     vdi = await svc.vdis.get(vdi_ident)
     svc.vdis.check_not_written(vdi)
     base = await svc.vdis.get(base_ident) if base_ident else None
     files = await svc.vdis.chain_files(vdi)
-    extents = await storage.in_thread(data_extents, files)
-    if base is not None and not (fmt == "raw" and not chunked):  # plain raw: the full disk
-        changed = await deltas.changed_runs(svc, vdi, base)
-        layout = encode_delta(fmt, vdi, base, changed)
-        etag = f'"{vdi["uuid"]}.{vdi["generation"]}.{base["uuid"]}.{base["generation"]}.'
-        etag += f'{"chunked" if chunked else fmt}"'
-        return ExportPlan(vdi, fmt, chunked, base, layout, etag, files)
-    if chunked:
-        layout = frames_layout(extents)
-    elif fmt == "raw":
-        layout = raw_layout(vdi["virtual_size"], extents)
-    else:
-        layout = encode(fmt, vdi, extents)
-    variant = "chunked" if chunked else fmt
-    etag = f'"{vdi["uuid"]}.{vdi["generation"]}.{variant}"'
-    return ExportPlan(vdi, fmt, chunked, base, layout, etag, files)
+    chain = await storage.in_thread(functools.partial(layers.open_chain, files, writable=False))
+    try:
+        if base is not None and not (fmt == "raw" and not chunked):  # plain raw: full disk
+            changed = await deltas.changed_runs(svc, vdi, base, chain)
+            layout = encode_delta(fmt, vdi, base, changed)
+            etag = f'"{vdi["uuid"]}.{vdi["generation"]}.{base["uuid"]}.{base["generation"]}.'
+            etag += f'{"chunked" if chunked else fmt}"'
+            return ExportPlan(vdi, fmt, chunked, base, layout, etag, chain)
+        extents = await storage.in_thread(data_extents, chain)
+        if chunked:
+            layout = frames_layout(extents)
+        elif fmt == "raw":
+            layout = raw_layout(vdi["virtual_size"], extents)
+        else:
+            layout = encode(fmt, vdi, extents)
+        variant = "chunked" if chunked else fmt
+        etag = f'"{vdi["uuid"]}.{vdi["generation"]}.{variant}"'
+        return ExportPlan(vdi, fmt, chunked, base, layout, etag, chain)
+    except BaseException:
+        await storage.in_thread(layers.close_chain, chain)
+        raise
 
 
 def encode_delta(
@@ -153,13 +161,9 @@ def encode_delta(
         raise bad_request(f"VDI {vdi['uuid']} cannot be exported as {fmt}: {exc}") from None
 
 
-def data_extents(files: list[tuple[Path, str]]) -> list[tuple[int, int]]:
+def data_extents(chain: Chain) -> list[tuple[int, int]]:
     """Blocking: the (offset, length) runs of the VDI that read as data."""
-    chain = layers.open_chain(files, writable=False)
-    try:
-        return [(start, n) for start, n, kind in chain.extents() if kind == DATA]
-    finally:
-        layers.close_chain(chain)
+    return [(start, n) for start, n, kind in chain.extents() if kind == DATA]
 
 
 def encode(fmt: str, vdi: Row, extents: list[tuple[int, int]]) -> OutputLayout:
@@ -210,9 +214,7 @@ async def send(
     On a plain TCP socket the body goes out by sendfile(2) from a worker thread (zero-copy
     from the page cache; uvloop has no loop.sendfile). Otherwise disk reads run in worker
     threads, one read ahead of the socket."""
-    source = await storage.in_thread(
-        functools.partial(layers.open_chain, plan.files, writable=False)
-    )
+    source = plan.chain
     try:
         sock_fd = await _idle_socket(request)
         if sock_fd is None:
@@ -226,8 +228,6 @@ async def send(
             f"the download stopped after {transfer.bytes} of {end - start} bytes: the client "
             f"closed the connection ({exc.strerror or exc})"
         ) from None
-    finally:
-        await storage.in_thread(layers.close_chain, source)
 
 
 async def _idle_socket(request: web.Request) -> int | None:
@@ -307,9 +307,11 @@ def _sendfile_blocks(
         if stop.is_set():
             raise _Stopped
         if isinstance(block, Data):
-            for _, n, layer, host in source.segments(block.offset, block.length):
+            for at, n, layer, host in source.segments(block.offset, block.length):
                 if layer is None:
                     _write_all(sock_fd, _ZEROS[:n], stop, sent)
+                elif host == READ:
+                    _write_all(sock_fd, memoryview(source.layers[layer].read(at, n)), stop, sent)
                 else:
                     _sendfile_all(sock_fd, source.layers[layer].fd, host, n, stop, sent)
         elif isinstance(block, Literal):

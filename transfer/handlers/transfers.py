@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 
 from aiohttp import web
 
 from auth.middleware import PRINCIPAL, requires
 from formats.driver import DATA
-from transfer import deltas, exports, imports, storage
+from transfer import deltas, exports, imports, layers, storage
 from transfer.errors import ApiError, bad_request
 from transfer.handlers.common import json_response
 from transfer.logs import LOG_FIELDS
@@ -127,7 +128,10 @@ async def export_raw_vdi(request: web.Request) -> web.StreamResponse:
     svc.vdis.readers[vdi_uuid] += 1  # no writer may start while we lay out or send
     try:
         plan = await exports.plan(svc, vdi_uuid, fmt, chunked, param(request, "base"))
-        return await _send_export(request, plan)
+        try:
+            return await _send_export(request, plan)
+        finally:
+            await asyncio.shield(plan.close())
     finally:
         svc.vdis.readers[vdi_uuid] -= 1
         if not svc.vdis.readers[vdi_uuid]:
@@ -222,7 +226,11 @@ async def extents(request: web.Request) -> web.Response:
             [{"start": s, "length": n, "zero": kind != DATA} for s, n, kind in changed]
         )
     files = await svc.vdis.chain_files(vdi)
-    data = await storage.in_thread(exports.data_extents, files)
+    chain = await storage.in_thread(functools.partial(layers.open_chain, files, writable=False))
+    try:
+        data = await storage.in_thread(exports.data_extents, chain)
+    finally:
+        await storage.in_thread(layers.close_chain, chain)
     out, pos = [], 0
     for start, length in data:
         if start > pos:
