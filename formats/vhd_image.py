@@ -421,7 +421,7 @@ class VhdImage:
                 (table_at, bat_region_end, "the BAT"),
             ),
         )
-        allocated = array("I", (i for i in range(needed) if bat[i] != UNALLOCATED))
+        allocated = array("I", _allocated_indices(bat, needed))
         ends = [header_end, bat_region_end, blocks_end]
         for at in range(LOCATORS_AT, LOCATORS_AT + 8 * LOCATOR_SIZE, LOCATOR_SIZE):
             # Parent locator data of other writers: new blocks must go past it too.
@@ -817,6 +817,17 @@ class VhdImage:
         self._unsynced = True
 
 
+def _allocated_indices(bat: array, count: int) -> list[int]:
+    """Indices of allocated BAT entries among the first `count`, found at C speed: opening a
+    100 GiB disk scans 51,200 entries, and a chain opens every layer."""
+    marks = array("I")
+    marks.frombytes(bat[:count].tobytes().translate(_NOT_FF))  # nonzero: allocated
+    return list(itertools.compress(range(count), marks))
+
+
+_NOT_FF = bytes([1] * 255 + [0])  # byte -> 0 if it is 0xFF (unallocated entries are all FF)
+
+
 def _check_blocks(
     name: str,
     bat: array,
@@ -826,9 +837,7 @@ def _check_blocks(
 ) -> int:
     """Checks that every allocated block lies before the end footer, clear of the metadata
     and of every other block; returns where the last block ends (0 if none)."""
-    keys = sorted(
-        (sector << 32) | index for index, sector in enumerate(bat) if sector != UNALLOCATED
-    )
+    keys = sorted((bat[index] << 32) | index for index in _allocated_indices(bat, len(bat)))
     if not keys:
         return 0
     last = keys[-1]
