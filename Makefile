@@ -22,6 +22,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python tests/bench/raw.py
 	$(BIN)/python tests/bench/convert.py
+	$(BIN)/python tests/bench/chains.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
