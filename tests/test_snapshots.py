@@ -113,14 +113,15 @@ def test_cli_sr_list_and_vdi_verify(srv, tmp_path):
     assert missing.returncode == 1 and "VDI_NOT_FOUND" in missing.stderr
 
 
-def test_vhd_snapshot_chain_and_verify(srv, tmp_path):
-    """A VHD VDI's snapshot is O(1): a new child layer; reads resolve through the chain, and
-    verify finds the files and records in agreement."""
-    pytest.importorskip("formats.vhd_image")
+@pytest.mark.parametrize("fmt", ["vhd", "qcow2"])
+def test_image_snapshot_chain_and_verify(srv, tmp_path, fmt):
+    """A VHD/QCOW2 VDI's snapshot is O(1): a new child layer; reads resolve through the
+    chain, and verify finds the files and records in agreement."""
+    pytest.importorskip(f"formats.{fmt}_image")
     import subprocess
     import sys
 
-    status, vdi = api(f"{srv.url}/vdis", "POST", {"virtual_size": 8 * MiB, "image_format": "vhd"})
+    status, vdi = api(f"{srv.url}/vdis", "POST", {"virtual_size": 8 * MiB, "image_format": fmt})
     assert status == 201, vdi
     first = os.urandom(3 * MiB)
     assert upload(srv, vdi, first, tmp_path)[0] == 200
@@ -154,5 +155,5 @@ def test_vhd_snapshot_chain_and_verify(srv, tmp_path):
     assert api(f"{srv.url}/vdis/{snap['uuid']}")[0] == 404
     assert download(srv, vdi, tmp_path)[: 3 * MiB] == second + first[MiB:]
     assert api(f"{srv.url}/vdis/{vdi['uuid']}", "DELETE")[0] == 204
-    leftovers = list((srv.state_dir / "srs" / vdi["sr"]).glob("*.vhd"))
+    leftovers = list((srv.state_dir / "srs" / vdi["sr"]).glob(f"*.{fmt}"))
     assert leftovers == []

@@ -58,8 +58,10 @@ def _parent_problems(name, fmt, driver, parent, rows, i) -> list[str]:
         else:
             expected = _vhd_disk_uuid(parent[0])
             if named[0] != expected:
-                return [f"{name}: the file names parent {uuid.UUID(bytes=named[0])}, the "
-                        f"parent layer's disk is {uuid.UUID(bytes=expected)}"]
+                return [
+                    f"{name}: the file names parent {uuid.UUID(bytes=named[0])}, the "
+                    f"parent layer's disk is {uuid.UUID(bytes=expected)}"
+                ]
     return []
 
 
