@@ -126,3 +126,66 @@ def test_extents_against_a_base(srv, tmp_path):
         {"start": 0, "length": MiB, "zero": True},
         {"start": 4 * MiB, "length": MiB, "zero": False},
     ]
+
+
+@pytest.fixture
+def changed_pair(srv, tmp_path):
+    """A QCOW2 VDI, its snapshot S1, then changes (data and a zeroed range) and snapshot S2."""
+    pytest.importorskip("formats.qcow2_image")
+    status, vdi = api(f"{srv.url}/vdis", "POST", {"virtual_size": SIZE, "image_format": "qcow2"})
+    assert status == 201, vdi
+    v = vdi["uuid"]
+    write(srv, v, tmp_path, [(0, os.urandom(4 * MiB)), (12 * MiB, os.urandom(3 * MiB))])
+    s1 = snapshot(srv, v)
+    write(
+        srv,
+        v,
+        tmp_path,
+        [(MiB, os.urandom(2 * MiB)), (12 * MiB, bytes(2 * MiB)), (20 * MiB, os.urandom(65536))],
+    )
+    return s1, snapshot(srv, v)
+
+
+def test_qcow2_delta_rebased_onto_its_base_by_qemu_img(srv, tmp_path, changed_pair):
+    s1, s2 = changed_pair
+    base = export(srv, s1, "qcow2", tmp_path / f"{s1}.qcow2")
+    delta = export(srv, s2, "qcow2", tmp_path / "delta.qcow2", base=s1)
+    info = subprocess.run(
+        ["qemu-img", "info", "--output=json", str(delta)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert f'"backing-filename": "{s1}.qcow2"' in info
+    subprocess.run(["qemu-img", "check", str(delta)], check=True, capture_output=True)
+    # Safe-mode rebase onto a fresh copy of the base must change nothing visible.
+    copy = tmp_path / "base-copy.qcow2"
+    copy.write_bytes(base.read_bytes())
+    subprocess.run(
+        ["qemu-img", "rebase", "-f", "qcow2", "-b", str(copy), "-F", "qcow2", str(delta)],
+        check=True,
+        capture_output=True,
+    )
+    expected = export(srv, s2, "raw", tmp_path / "s2.raw")
+    subprocess.run(
+        ["qemu-img", "compare", "-f", "qcow2", "-F", "raw", str(delta), str(expected)],
+        check=True,
+        capture_output=True,
+    )
+
+
+def test_vhd_delta_read_by_libvhdi_over_its_base(srv, tmp_path, changed_pair):
+    s1, s2 = changed_pair
+    parent = export(srv, s1, "vhd", tmp_path / f"{s1}.vhd")
+    child = export(srv, s2, "vhd", tmp_path / "delta.vhd", base=s1)
+    expected = export(srv, s2, "raw", tmp_path / "s2.raw")
+    script = (
+        "import sys, pyvhdi\n"
+        "child, parent = pyvhdi.file(), pyvhdi.file()\n"
+        "parent.open(sys.argv[2]); child.open(sys.argv[1]); child.set_parent(parent)\n"
+        "sys.stdout.buffer.write(child.read_buffer_at_offset(child.get_media_size(), 0))\n"
+    )
+    out = subprocess.run(
+        ["/usr/bin/python3", "-c", script, str(child), str(parent)], capture_output=True, check=True
+    ).stdout
+    assert hashlib.sha256(out).hexdigest() == hashlib.sha256(expected.read_bytes()).hexdigest()
