@@ -739,11 +739,12 @@ def build_dynamic_header(
     return bytes(raw)
 
 
-def _check_uuid_and_time(uuid: bytes, timestamp: int, what: str) -> None:
+def check_identity(uuid: bytes, timestamp: int, what: str) -> None:
+    """ValueError unless `uuid` is 16 bytes and `timestamp` a 32-bit VHD timestamp."""
     if not isinstance(uuid, bytes | bytearray) or len(uuid) != 16:
-        raise ValueError(f"{what} uuid must be 16 bytes")
-    if not 0 <= timestamp <= 0xFFFFFFFF:
-        raise ValueError(f"{what} timestamp {timestamp} is not a 32-bit VHD timestamp")
+        raise ValueError(f"the {what} uuid must be 16 bytes")
+    if not isinstance(timestamp, int) or not 0 <= timestamp <= 0xFFFFFFFF:
+        raise ValueError(f"the {what} timestamp {timestamp!r} is not a 32-bit VHD timestamp")
 
 
 class VhdLayout:
@@ -772,9 +773,9 @@ class VhdLayout:
                 f"virtual size {virtual_size} exceeds the VHD maximum of 2040 GiB "
                 f"({MAX_VIRTUAL_SIZE} bytes)"
             )
-        _check_uuid_and_time(disk_uuid, timestamp, "disk")
+        check_identity(disk_uuid, timestamp, "disk")
         if parent is not None:
-            _check_uuid_and_time(parent[0], parent[1], "parent")
+            check_identity(parent[0], parent[1], "parent")
             if len(parent[2].encode("utf-16-be")) > 512:
                 raise ValueError("the parent name is longer than 256 UTF-16 code units")
         self.virtual_size = virtual_size

@@ -75,6 +75,7 @@ from formats.vhd import (
     VhdFooter,
     build_dynamic_header,
     build_footer,
+    check_identity,
     parse_dynamic_header,
     parse_footer,
     round_up,
@@ -185,13 +186,6 @@ def _differences(a: bytes, b: bytes) -> str:
     return ", ".join(name for name, x, y in zip(names, fa, fb, strict=True) if x != y)
 
 
-def _check_identity(uuid: bytes, timestamp: int, what: str) -> None:
-    if not isinstance(uuid, bytes | bytearray) or len(uuid) != 16:
-        raise ValueError(f"the {what} uuid must be 16 bytes")
-    if not isinstance(timestamp, int) or not 0 <= timestamp <= 0xFFFFFFFF:
-        raise ValueError(f"the {what} timestamp {timestamp!r} is not a 32-bit VHD timestamp")
-
-
 class VhdImage:
     """One dynamic or differencing VHD file, read and written in place (ImageDriver).
 
@@ -277,9 +271,9 @@ class VhdImage:
                 f"block size {block_size} is not a power of two from {MIN_BLOCK_SIZE} to "
                 f"{MAX_BLOCK_SIZE}"
             )
-        _check_identity(disk_uuid, timestamp, "disk")
+        check_identity(disk_uuid, timestamp, "disk")
         if parent is not None:
-            _check_identity(parent[0], parent[1], "parent")
+            check_identity(parent[0], parent[1], "parent")
             if len(parent[2].encode("utf-16-be")) > 512:
                 raise ValueError("the parent name is longer than 256 UTF-16 code units")
         entries = -(-current_size // block_size)

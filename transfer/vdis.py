@@ -231,22 +231,7 @@ class VdiService:
             # for a clone); the VDI continues in a new child of it.
             frozen_uuid = new_uuid if snapshot else new_uuid_str()
             child_name = f"{new_uuid_str()}.{fmt}"
-            parent_path = await self.path(row)
-            await storage.in_thread(
-                functools.partial(
-                    layers.create_image,
-                    directory / child_name,
-                    fmt,
-                    row["virtual_size"],
-                    disk_uuid=uuid.UUID(row["uuid"]).bytes,
-                    timestamp=_vhd_now(),
-                    parent=(
-                        parent_path,
-                        fmt,
-                        await storage.in_thread(_disk_uuid, parent_path, fmt, row),
-                    ),
-                )
-            )
+            await self._create_child(row, directory / child_name, uuid.UUID(row["uuid"]))
             async with self.db.transaction() as tx:
                 await self._insert(
                     frozen_uuid,
@@ -280,26 +265,28 @@ class VdiService:
     ) -> Row:
         fmt = parent["image_format"]
         name = f"{new_uuid}.{fmt}"
-        parent_path = await self.path(parent)
-        await storage.in_thread(
-            functools.partial(
-                layers.create_image,
-                directory / name,
-                fmt,
-                parent["virtual_size"],
-                disk_uuid=uuid.UUID(new_uuid).bytes,
-                timestamp=_vhd_now(),
-                parent=(
-                    parent_path,
-                    fmt,
-                    await storage.in_thread(_disk_uuid, parent_path, fmt, parent),
-                ),
-            )
-        )
+        await self._create_child(parent, directory / name, uuid.UUID(new_uuid))
         await self._insert(
             new_uuid, label, parent, name, False, parent=parent["uuid"], now=now, snapshot_of=None
         )
         return await self._get_any(new_uuid)
+
+    async def _create_child(self, parent: Row, path: Path, disk_uuid: uuid.UUID) -> None:
+        """A new, empty image file whose parent is `parent`'s file (same format)."""
+        fmt = parent["image_format"]
+        parent_path = await self.path(parent)
+        parent_disk = await storage.in_thread(_disk_uuid, parent_path, fmt, parent)
+        await storage.in_thread(
+            functools.partial(
+                layers.create_image,
+                path,
+                fmt,
+                parent["virtual_size"],
+                disk_uuid=disk_uuid.bytes,
+                timestamp=_vhd_now(),
+                parent=(parent_path, fmt, parent_disk),
+            )
+        )
 
     async def _insert(
         self,
