@@ -189,3 +189,30 @@ def test_vhd_delta_read_by_libvhdi_over_its_base(srv, tmp_path, changed_pair):
         ["/usr/bin/python3", "-c", script, str(child), str(parent)], capture_output=True, check=True
     ).stdout
     assert hashlib.sha256(out).hexdigest() == hashlib.sha256(expected.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("fmt", ["vhd", "qcow2"])
+def test_delta_against_a_base_on_another_branch(srv, tmp_path, fmt):
+    """Base and VDI share only an ancestor: V -> S1; branch A = V (write, snapshot SA);
+    branch B = clone of S1 (write, snapshot SB). A delta of SB against SA, applied onto a
+    clone of SA, must give SB."""
+    pytest.importorskip(f"formats.{fmt}_image")
+    status, vdi = api(f"{srv.url}/vdis", "POST", {"virtual_size": SIZE, "image_format": fmt})
+    assert status == 201, vdi
+    v = vdi["uuid"]
+    write(srv, v, tmp_path, [(0, os.urandom(4 * MiB)), (16 * MiB, os.urandom(2 * MiB))])
+    s1 = snapshot(srv, v)
+    write(srv, v, tmp_path, [(MiB, os.urandom(MiB)), (16 * MiB, bytes(MiB))])
+    sa = snapshot(srv, v)
+    status, branch = api(f"{srv.url}/vdis/{s1}/clone", "POST")
+    assert status == 201, branch
+    write(srv, branch["uuid"], tmp_path, [(8 * MiB, os.urandom(MiB)), (0, bytes(4096))])
+    sb = snapshot(srv, branch["uuid"])
+    delta = export(srv, sb, fmt, tmp_path / f"sibling.{fmt}", base=sa)
+    status, target = api(f"{srv.url}/vdis/{sa}/clone", "POST")
+    assert status == 201
+    status, result, err = curl_upload(
+        f"{srv.url}/import_raw_vdi?vdi={target['uuid']}&format={fmt}", "-T", str(delta)
+    )
+    assert status == 200, (result, err)
+    assert sha_of(srv, target["uuid"], tmp_path) == sha_of(srv, sb, tmp_path)
