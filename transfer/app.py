@@ -8,6 +8,7 @@ import logging
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
@@ -16,7 +17,7 @@ from auth import middleware as auth_middleware
 from auth.middleware import Authenticator
 from auth.sessions import SessionSigner, load_or_create_secret
 from auth.users import UserStore
-from transfer import __version__
+from transfer import __version__, resume, storage
 from transfer.config import Config
 from transfer.db import open_database
 from transfer.errors import ApiError
@@ -42,7 +43,7 @@ async def errors_as_json(request: web.Request, handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except ApiError as exc:
-        headers = {}
+        headers = dict(exc.headers)
         if exc.status == 401:
             headers["WWW-Authenticate"] = auth_middleware.REALM
         request[LOG_FIELDS]["error"] = exc.code
@@ -155,14 +156,19 @@ def create_app(config: Config) -> web.Application:
         await svc.srs.ensure_local_sr()
         await _bootstrap_admin(svc)
         recovered = await svc.tasks.recover_after_restart()
+
+        async def housekeeping() -> None:
+            await svc.tasks.collect_garbage()
+            srs = [Path(row["path"]) for row in await svc.srs.list()]
+            for task in await svc.tasks.expire_uploads(config.upload_ttl):
+                await storage.in_thread(resume.discard, config.state_dir, task, srs)
+
         await svc.tasks.collect_garbage()
         loops = [
             asyncio.create_task(
                 _every(config.heartbeat_interval, "heartbeat", svc.hosts.heartbeat)
             ),
-            asyncio.create_task(
-                _every(config.task_gc_interval, "task gc", svc.tasks.collect_garbage)
-            ),
+            asyncio.create_task(_every(config.task_gc_interval, "task gc", housekeeping)),
         ]
         event(
             log,

@@ -28,6 +28,7 @@ class Config:
     session_ttl: int = 24 * 3600  # seconds a session (JWT) is valid
     task_ttl: int = 24 * 3600  # seconds a finished task is kept before garbage collection
     task_gc_interval: int = 60
+    upload_ttl: int = 24 * 3600  # seconds a resumable upload waits to be resumed
     heartbeat_interval: int = 10
     # Runtime format of VDIs that imports create with sr=: by the upload's format through
     # images_type_mapping ("source:runtime, ..."), else images_type.
@@ -149,7 +150,7 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"log_format: {cfg.log_format!r} is not logfmt or json")
     if cfg.log_level.lower() not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"log_level: {cfg.log_level!r} is not debug, info, warning or error")
-    for name in ("session_ttl", "task_ttl", "task_gc_interval", "heartbeat_interval"):
+    for name in ("session_ttl", "task_ttl", "task_gc_interval", "heartbeat_interval", "upload_ttl"):
         if getattr(cfg, name) <= 0:
             raise ConfigError(f"{name}: must be a positive number of seconds")
     cfg.image_mapping = parse_images_type_mapping(cfg.images_type_mapping, cfg.images_type)

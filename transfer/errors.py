@@ -20,6 +20,7 @@ STATUS_BY_CODE: dict[str, int] = {
     "VDI_IN_USE": 409,
     "VDI_READ_ONLY": 409,
     "UPLOAD_OFFSET_MISMATCH": 409,
+    "UPLOAD_EXPIRED": 410,
     "OTHER_OPERATION_IN_PROGRESS": 409,
     "USER_EXISTS": 409,
     "VDI_TOO_SMALL": 413,
@@ -36,8 +37,16 @@ STATUS_BY_CODE: dict[str, int] = {
 class ApiError(Exception):
     """A failure with a contract error code; rendered as JSON {error, message, params}."""
 
-    def __init__(self, code: str, message: str, *params: object, status: int | None = None):
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        *params: object,
+        status: int | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
+        self.headers = headers or {}  # extra response headers (e.g. Upload-Offset)
         self.code = code
         self.message = message
         self.params = [str(p) for p in params]

@@ -44,6 +44,7 @@ class Transfer:
     bytes: int = 0
     progress: float = 0.0
     abort_error: list[str] | None = None  # why we cancelled it, if not the client's cancel
+    resumable: bool = False  # an upload that may continue: a disconnect suspends it
     written_at: float = field(default_factory=time.monotonic)
     started: float = field(default_factory=time.monotonic)
 
@@ -105,6 +106,8 @@ class TaskManager:
             "result": row["result"],
             "error_info": json.loads(row["error_info"]),
             "bytes_transferred": live.bytes if running else row["bytes_transferred"],
+            "upload_offset": row["upload_offset"] if row["resumable"] else None,
+            "upload_active": bool(row["running"]) if row["resumable"] else None,
             "vdi": row["vdi"],
             "owner": row["owner"],
         }
@@ -198,6 +201,70 @@ class TaskManager:
                 transfer.task,
             )
 
+    async def make_resumable(
+        self, transfer: Transfer, fmt: str, chunked: bool, length: int | None
+    ) -> None:
+        """This upload may be continued after a disconnect or a restart."""
+        transfer.resumable = True
+        await self.db.execute(
+            "UPDATE tasks SET resumable = 1, upload_format = ?, upload_chunked = ?, "
+            "upload_length = COALESCE(?, upload_length), last_activity = ? WHERE uuid = ?",
+            fmt,
+            int(chunked),
+            length,
+            time.time(),
+            transfer.task,
+        )
+
+    async def checkpoint(self, transfer: Transfer, offset: int) -> None:
+        """`offset` stream bytes are durable (data and decoder state): Upload-Offset."""
+        await self.db.execute(
+            "UPDATE tasks SET upload_offset = ?, last_activity = ?, bytes_transferred = ? "
+            "WHERE uuid = ?",
+            offset,
+            time.time(),
+            transfer.bytes,
+            transfer.task,
+        )
+
+    async def suspend(self, transfer: Transfer, why: str) -> None:
+        """A resumable upload stopped before its end: the task stays pending with its
+        Upload-Offset, and the VDI is free for the next writer (or the resumed upload)."""
+        if self.running.pop(transfer.task, None) is None:
+            return
+        await self.db.execute(
+            "UPDATE tasks SET running = 0, last_activity = ? WHERE uuid = ? "
+            "AND status IN ('pending', 'cancelling')",
+            time.time(),
+            transfer.task,
+        )
+        await self.db.execute("UPDATE vdis SET locked_by = NULL WHERE locked_by = ?", transfer.task)
+        event(
+            log,
+            "task.suspended",
+            task=transfer.task,
+            vdi=transfer.vdi,
+            user=transfer.user,
+            bytes=transfer.bytes,
+            reason=why,
+        )
+
+    async def expire_uploads(self, ttl: float) -> list[str]:
+        """Resumable uploads nobody continued for `ttl` seconds fail; returns their tasks."""
+        now = time.time()
+        rows = await self.db.fetchall(
+            "SELECT uuid FROM tasks WHERE resumable = 1 AND running = 0 AND status = 'pending' "
+            "AND last_activity < ?",
+            now - ttl,
+        )
+        expired = []
+        for row in rows:
+            info = ["UPLOAD_EXPIRED", f"the upload was not resumed within {int(ttl)} s"]
+            if await self._transition(row["uuid"], "failure", info, where_running=0):
+                expired.append(row["uuid"])
+                event(log, "task.expired", task=row["uuid"])
+        return expired
+
     async def succeed(self, transfer: Transfer, result: str | None) -> None:
         transfer.progress = 1.0
         await self._end(transfer, "success", [], result)
@@ -213,13 +280,18 @@ class TaskManager:
         try:
             yield transfer
         except asyncio.CancelledError:
-            if transfer.abort_error is not None:
+            if transfer.abort_error is not None and transfer.resumable:
+                await asyncio.shield(self.suspend(transfer, "the server is stopping"))
+            elif transfer.abort_error is not None:
                 await asyncio.shield(self.fail(transfer, transfer.abort_error))
             else:
                 await asyncio.shield(self._end(transfer, "cancelled", ["CANCELLED"]))
             raise
         except ApiError as exc:
-            await asyncio.shield(self.fail(transfer, exc.error_info))
+            if transfer.resumable and getattr(exc, "suspends", False):
+                await asyncio.shield(self.suspend(transfer, exc.message))
+            else:
+                await asyncio.shield(self.fail(transfer, exc.error_info))
             raise
         except Exception as exc:
             log.exception("transfer failed", extra={"fields": {"task": transfer.task}})
@@ -298,12 +370,23 @@ class TaskManager:
         Tasks no transfer was using stay pending."""
         now = time.time()
         stale = await self.db.fetchall(
-            "SELECT uuid, status, vdi FROM tasks WHERE host = ? AND running = 1 "
+            "SELECT uuid, status, vdi, resumable FROM tasks WHERE host = ? AND running = 1 "
             "AND status IN ('pending', 'cancelling')",
             self.host_uuid,
         )
         async with self.db.transaction() as tx:
             for row in stale:
+                if row["resumable"] and row["status"] == "pending":
+                    # A resumable upload survives: pending again, at its durable offset.
+                    await tx.execute(
+                        "UPDATE tasks SET running = 0, last_activity = ? WHERE uuid = ?",
+                        now,
+                        row["uuid"],
+                    )
+                    await tx.execute(
+                        "UPDATE vdis SET locked_by = NULL WHERE locked_by = ?", row["uuid"]
+                    )
+                    continue
                 cancelled = row["status"] == "cancelling"
                 await tx.execute(
                     "UPDATE tasks SET status = ?, error_info = ?, finished = ?, running = 0 "
@@ -323,7 +406,11 @@ class TaskManager:
                 logging.WARNING,
                 task=row["uuid"],
                 vdi=row["vdi"],
-                status="cancelled" if row["status"] == "cancelling" else "failure",
+                status="suspended"
+                if row["resumable"] and row["status"] == "pending"
+                else "cancelled"
+                if row["status"] == "cancelling"
+                else "failure",
             )
         return len(stale)
 

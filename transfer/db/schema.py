@@ -84,6 +84,20 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             "CREATE INDEX vdis_parent ON vdis(parent)",
         ],
     ),
+    (
+        3,
+        [
+            # Resumable uploads: the import's task is the upload resource. upload_offset is
+            # the number of stream bytes that are durable; the decoder's state at that
+            # offset is saved beside the VDI (see transfer/resume.py).
+            "ALTER TABLE tasks ADD COLUMN resumable INTEGER NOT NULL DEFAULT 0",
+            "ALTER TABLE tasks ADD COLUMN upload_offset BIGINT NOT NULL DEFAULT 0",
+            "ALTER TABLE tasks ADD COLUMN upload_length BIGINT",
+            "ALTER TABLE tasks ADD COLUMN upload_format TEXT",
+            "ALTER TABLE tasks ADD COLUMN upload_chunked INTEGER NOT NULL DEFAULT 0",
+            "ALTER TABLE tasks ADD COLUMN last_activity DOUBLE PRECISION",
+        ],
+    ),
 ]
 
 
