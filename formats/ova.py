@@ -16,6 +16,7 @@ The inner decoders are imported lazily: a codec not installed means UnsupportedM
 
 from __future__ import annotations
 
+import functools
 import importlib
 import zlib
 from collections.abc import Callable
@@ -213,16 +214,9 @@ class OvaDecoder:
             )
         decoder = DISK_DECODERS[kind]
         if decoder is None:
-
-            def make_raw(stream_length: int | None) -> _RawMember:
-                if stream_length is None:
-                    raise UnsupportedMember(
-                        f"the OVA's disk {member.name!r} is a gzip-compressed raw image, whose "
-                        f"size is not known before the end: not supported"
-                    )
-                return _RawMember(stream_length)
-
-            return _DiskMember(member.size, make_raw, member.name)
+            return _DiskMember(
+                member.size, functools.partial(_raw_member, member.name), member.name
+            )
         module_name, class_name = decoder
         try:
             module = importlib.import_module(module_name)  # lazy: the codec may be absent
@@ -231,12 +225,10 @@ class OvaDecoder:
                 f"the OVA's disk {member.name!r} is a {kind[1:]} image, which this server "
                 f"cannot decode yet"
             ) from None
-        decoder_class = getattr(module, class_name)
-
-        def make(stream_length: int | None) -> Any:
-            return decoder_class(spill=self.spill, stream_length=stream_length)
-
-        return _DiskMember(member.size, make, member.name)
+        # A partial of module-level functions, not a closure: a resumable upload pickles
+        # the decoder's state (transfer/resume.py).
+        maker = functools.partial(_inner_decoder, getattr(module, class_name), self.spill)
+        return _DiskMember(member.size, maker, member.name)
 
     def _call(self, method: Any, *args: Any) -> list[Event]:
         """Run the inner decoder, naming the member in what it refuses."""
@@ -250,3 +242,16 @@ class OvaDecoder:
             if type(error) is not FormatError:  # a subclass the service may map specially
                 raise
             raise FormatError(f"the OVA's disk {self.disk_member!r}: {error}") from error
+
+
+def _raw_member(name: str, stream_length: int | None) -> _RawMember:
+    if stream_length is None:
+        raise UnsupportedMember(
+            f"the OVA's disk {name!r} is a gzip-compressed raw image, whose size is not "
+            f"known before the end: not supported"
+        )
+    return _RawMember(stream_length)
+
+
+def _inner_decoder(decoder_class: Any, spill: Any, stream_length: int | None) -> Any:
+    return decoder_class(spill=spill, stream_length=stream_length)

@@ -174,6 +174,12 @@ class DiskWriter:
             self.stats.data += done.data
             self.stats.zero += done.zero
 
+    async def checkpoint(self) -> None:
+        """Everything written so far is durable (the upload may go on afterwards)."""
+        await self._issue(final=True)
+        await self.drain()
+        await asyncio.get_running_loop().run_in_executor(self.executor, os.fsync, self.fd)
+
     async def finish(self) -> None:
         """Write what is gathered, wait for every batch, fsync: the data is durable."""
         await self._issue(final=True)

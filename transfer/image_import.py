@@ -192,8 +192,12 @@ async def run_pipeline(
     sink: Sink,
     on_header: Callable[[Header], Awaitable[None]],
     on_progress: Callable[[int, Sink], Awaitable[None]],
+    on_batch: Callable[..., Awaitable[None]] | None = None,
+    final: bool = True,
 ) -> int:
-    """Feed the body through the decoder into the sink; returns the body bytes read."""
+    """Feed the body through the decoder into the sink; returns the body bytes read.
+    `on_batch(n)`: the first n body bytes are applied (a checkpoint may be taken).
+    `final`: the body ends the stream (False for a segment of a resumable upload)."""
     loop = asyncio.get_running_loop()
     received = 0
     pending: asyncio.Future | None = None
@@ -211,20 +215,36 @@ async def run_pipeline(
         while not eof:
             batch, size = [], 0
             while size < BATCH:
-                chunk = await body.readany()
+                try:
+                    chunk = await body.readany()
+                except BaseException:
+                    # The body broke off: what was fed so far is applied and, for a
+                    # resumable upload, checkpointed before the error goes up.
+                    if pending is not None:
+                        future, pending = pending, None
+                        await settle(future)
+                        if on_batch is not None:
+                            await on_batch(received, True)
+                    raise
                 if not chunk:
                     eof = True
                     break
                 batch.append(chunk)
                 size += len(chunk)
-            received += size
             if pending is not None:
                 await settle(pending)
                 pending = None
+                if on_batch is not None:
+                    await on_batch(received)
+            received += size
             await on_progress(received, sink)
-            pending = loop.run_in_executor(None, apply, events_of(decoder, batch, eof), sink)
+            pending = loop.run_in_executor(
+                None, apply, events_of(decoder, batch, eof and final), sink
+            )
         await settle(pending)
         pending = None
+        if on_batch is not None:
+            await on_batch(received)
     finally:
         if pending is not None:  # the worker may still be writing: the fd must outlive it
             await asyncio.wait([pending])

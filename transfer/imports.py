@@ -7,9 +7,12 @@ owns the rules: which target, which size, which decoder, and what a failure leav
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -20,7 +23,7 @@ from formats.chunked import ChunkDecoder
 from formats.errors import FormatError, FramingError, OutOfBounds
 from formats.events import Header
 from formats.raw import RawDecoder
-from transfer import image_import, layers, storage
+from transfer import image_import, layers, resume, storage
 from transfer.db import Row
 from transfer.diskio import DiskWriter
 from transfer.errors import ApiError, bad_request, choose_format
@@ -57,6 +60,8 @@ class ImportParams:
     task_id: str | None
     virtual_size: str | None
     name_label: str | None
+    content_range: tuple[int, int | None, int | None] | None = None  # start, end, total
+    complete: bool = True  # Upload-Complete: ?0 makes this request one segment of the upload
 
 
 @dataclass
@@ -68,6 +73,8 @@ class ImportPlan:
     sr: Row
     virtual_size: int | None  # None: a new VDI sized by the image's header
     expected: int | None  # Content-Length, if given
+    resume_offset: int = 0  # a resumed upload: the stream offset its task has durable
+    skip: int = 0  # body bytes already durable (the request starts below the offset)
 
     @property
     def target_uuid(self) -> str | None:
@@ -80,6 +87,8 @@ def parse_format(value: str | None) -> str:
 
 async def plan(svc: Services, params: ImportParams, content_length: int | None) -> ImportPlan:
     """Every check that needs no body: target, writability, availability, size."""
+    if params.content_range is not None:
+        return await _plan_resume(svc, params, content_length)
     if params.chunked and params.format != "raw":
         raise bad_request(
             "chunk framing (chunked=) carries raw data; it cannot be combined "
@@ -132,6 +141,64 @@ async def plan(svc: Services, params: ImportParams, content_length: int | None) 
     return ImportPlan(params, vdi, sr, size, content_length)
 
 
+async def _plan_resume(
+    svc: Services, params: ImportParams, content_length: int | None
+) -> ImportPlan:
+    """A PUT with Content-Range continues the upload of its task at the range's start."""
+    if not params.task_id:
+        raise bad_request("Content-Range continues an upload: give its task_id=")
+    task = await svc.tasks.get(params.task_id)
+    if task["status"] != "pending":
+        status = 400 if task["status"] == "success" else 410
+        raise ApiError(
+            "BAD_REQUEST",
+            f"the upload of task {task['uuid']} is {task['status']}",
+            task["uuid"],
+            status=status,
+        )
+    if not task["resumable"]:
+        raise bad_request(f"task {task['uuid']} is not a resumable upload")
+    if task["running"]:
+        raise ApiError(
+            "VDI_IN_USE",
+            f"the upload of task {task['uuid']} is in flight on another connection",
+            task["vdi"] or "",
+        )
+    if (params.format, params.chunked) != (task["upload_format"], bool(task["upload_chunked"])):
+        raise bad_request(
+            f"task {task['uuid']} uploads format={task['upload_format']}"
+            f"{' chunked' if task['upload_chunked'] else ''}, not format={params.format}"
+        )
+    if not task["vdi"]:
+        raise bad_request(
+            "nothing of this upload is durable yet: start it again, without Content-Range"
+        )
+    vdi = await svc.vdis.get(task["vdi"])
+    if params.vdi and params.vdi not in (vdi["uuid"], vdi["ref"]):
+        raise bad_request(f"task {task['uuid']} uploads into VDI {vdi['uuid']}, not {params.vdi}")
+    durable = task["upload_offset"]
+    start = params.content_range[0]
+    if start > durable:
+        raise ApiError(
+            "UPLOAD_OFFSET_MISMATCH",
+            f"the upload can continue at byte {durable}, not {start}",
+            durable,
+            start,
+            headers={"Upload-Offset": str(durable)},
+        )
+    svc.vdis.check_free(vdi)
+    sr = await svc.srs.get(vdi["sr"])
+    return ImportPlan(
+        params,
+        vdi,
+        sr,
+        vdi["virtual_size"],
+        content_length,
+        resume_offset=durable,
+        skip=durable - start,
+    )
+
+
 @dataclass
 class ImportJob:
     plan: ImportPlan
@@ -157,6 +224,9 @@ async def start(svc: Services, plan: ImportPlan, user: str) -> ImportJob:
         if created:
             await svc.vdis.delete(vdi["uuid"])
         raise
+    if plan.params.task_id:  # the client can name this upload again: it is resumable
+        length = plan.params.content_range[2] if plan.params.content_range else plan.expected
+        await svc.tasks.make_resumable(transfer, plan.params.format, plan.params.chunked, length)
     job = ImportJob(plan, transfer, vdi, created)
     if vdi is not None:
         try:
@@ -192,12 +262,25 @@ def decoder_for(plan: ImportPlan) -> Decoder:
 
 
 async def receive(svc: Services, job: ImportJob, body: StreamReader) -> int:
-    """Stream the body into the VDI; returns the body's byte count once it is durable."""
+    """Stream the body into the VDI; returns the stream offset once it is durable. A
+    resumable upload checkpoints as it goes; with Upload-Complete: ?0 the request is one
+    segment and the upload stays open (`job.segment`)."""
+    ck = None
+    if job.plan.resume_offset:
+        ck = await storage.in_thread(resume.load, _state_file(svc, job))
+        if ck is None or ck.offset != job.plan.resume_offset:
+            raise ApiError(
+                "INTERNAL_ERROR",
+                f"the checkpoint of task {job.transfer.task} at "
+                f"byte {job.plan.resume_offset} is missing",
+            )
     try:
+        if job.plan.skip:
+            await _skip(body, job.plan.skip)
         if job.plan.params.format == "raw" and job.vdi and job.vdi["image_format"] == "raw":
-            received = await _receive_raw(svc, job, body)
+            received = await _receive_raw(svc, job, body, ck)
         else:
-            received = await _receive_image(svc, job, body)
+            received = await _receive_image(svc, job, body, ck)
     except OutOfBounds as exc:
         raise ApiError("VDI_TOO_SMALL", str(exc), exc.size, exc.end) from None
     except FramingError as exc:
@@ -214,35 +297,95 @@ async def receive(svc: Services, job: ImportJob, body: StreamReader) -> int:
         raise
     assert job.vdi is not None
     await svc.vdis.bump_generation(job.vdi["uuid"])
+    if job.plan.params.complete and job.transfer.resumable:
+        await storage.in_thread(
+            resume.discard, svc.config.state_dir, job.transfer.task, [Path(job.plan.sr["path"])]
+        )
     return received
 
 
-async def _receive_raw(svc: Services, job: ImportJob, body: StreamReader) -> int:
+def _state_file(svc: Services, job: ImportJob) -> Path:
+    return resume.state_path(svc.config.state_dir, job.transfer.task)
+
+
+async def _skip(body: StreamReader, count: int) -> None:
+    """Read and drop the start of a resumed body that is durable already."""
+    while count:
+        chunk = await body.read(min(count, 1 << 20))
+        if not chunk:
+            raise ConnectionResetError("the body ended inside the bytes already received")
+        count -= len(chunk)
+
+
+class _Checkpoints:
+    """When to checkpoint a resumable upload: every 64 MiB or second of data."""
+
+    def __init__(self, job: ImportJob, start: int):
+        self.enabled = job.transfer.resumable
+        self.last_offset = start
+        self.last_time = time.monotonic()
+
+    def due(self, offset: int) -> bool:
+        return self.enabled and (
+            offset - self.last_offset >= resume.CHECKPOINT_BYTES
+            or time.monotonic() - self.last_time >= resume.CHECKPOINT_SECONDS
+        )
+
+    def done(self, offset: int) -> None:
+        self.last_offset, self.last_time = offset, time.monotonic()
+
+
+async def _receive_raw(
+    svc: Services, job: ImportJob, body: StreamReader, ck: resume.Checkpoint | None
+) -> int:
     plan, transfer = job.plan, job.transfer
     assert job.vdi is not None and plan.virtual_size is not None
-    decoder = decoder_for(plan)
+    decoder = ck.decoder if ck else decoder_for(plan)
     path: Path = await svc.vdis.path(job.vdi)
     fd = await storage.in_thread(os.open, path, os.O_WRONLY)
     # A VDI this import created is all holes: zeros need no punching there.
-    writer = DiskWriter(fd, punch=not job.created)
-    received = reached = 0
-    expected = plan.expected  # the stream's length, framing included
+    writer = DiskWriter(fd, punch=not job.created or bool(ck))
+    position = plan.resume_offset  # stream offset of the next byte
+    body_bytes = plan.skip
+    reached = 0
+    expected = plan.expected  # this request's body length, framing included
+    checkpoints = _Checkpoints(job, position)
+    state_file = _state_file(svc, job)
+
+    async def checkpoint() -> None:
+        await writer.checkpoint()
+        if await storage.in_thread(resume.save, state_file, resume.Checkpoint(position, decoder)):
+            await svc.tasks.checkpoint(transfer, position)
+        checkpoints.done(position)
+
     try:
         while True:
             chunk = await body.readany()
             if not chunk:
                 break
-            received += len(chunk)
-            transfer.bytes = received
+            body_bytes += len(chunk)
+            position += len(chunk)
+            transfer.bytes = position
             for offset, data in decoder.feed(chunk):
                 await writer.write(offset, data)
                 reached = max(reached, offset + len(data))
-            progress = _progress(received, expected, reached, plan.virtual_size)
-            await svc.tasks.report(transfer, received, progress)
-        if expected is not None and received != expected:
-            raise _short_body(received, expected)
+            progress = _progress(body_bytes, expected, reached, plan.virtual_size)
+            await svc.tasks.report(transfer, position, progress)
+            if checkpoints.due(position):
+                await checkpoint()
+        if expected is not None and body_bytes != expected:
+            raise _short_body(body_bytes, expected)
+        if not plan.params.complete:
+            await checkpoint()  # a segment: durable, and the upload stays open
+            return position
         decoder.finish()
         await writer.finish()
+    except BaseException:
+        if checkpoints.enabled:
+            # What arrived before the break is kept: make it durable and say so.
+            with contextlib.suppress(Exception):
+                await asyncio.shield(checkpoint())
+        raise
     finally:
         try:
             await writer.drain()
@@ -254,11 +397,11 @@ async def _receive_raw(svc: Services, job: ImportJob, body: StreamReader) -> int
         task=transfer.task,
         vdi=job.vdi["uuid"],
         format="raw",
-        bytes=received,
+        bytes=position,
         written=writer.stats.data,
         zero=writer.stats.zero,
     )
-    return received
+    return position
 
 
 def _progress(received: int, expected: int | None, reached: int, size: int | None) -> float:
@@ -269,17 +412,43 @@ def _progress(received: int, expected: int | None, reached: int, size: int | Non
     return 0.99 * reached / size if size else 0.0
 
 
-async def _receive_image(svc: Services, job: ImportJob, body: StreamReader) -> int:
+async def _receive_image(
+    svc: Services, job: ImportJob, body: StreamReader, ck: resume.Checkpoint | None
+) -> int:
     plan, transfer = job.plan, job.transfer
     fmt = plan.params.format
     spill = None
-    if fmt in image_import.SPILLING:
-        spill = await storage.in_thread(FileSpill, Path(plan.sr["path"]), transfer.task)
-    if fmt == "raw":  # a raw body into a VDI written through its driver
-        decoder = image_import.RawAsImage(decoder_for(plan))
-    else:
-        decoder = image_import.make_decoder(fmt, spill, plan.expected, plan.virtual_size)
     sink = image_import.Sink()
+    if ck is not None:  # resumed: the decoder (and its spill) continue where they were
+        decoder = ck.decoder
+        spill = getattr(decoder, "spill", None)
+        assert job.vdi is not None
+        sink.target = await _open(svc, job.vdi)
+        sink.size, sink.punch = job.vdi["virtual_size"], ck.punch
+    else:
+        if fmt in image_import.SPILLING:
+            spill = await storage.in_thread(FileSpill, Path(plan.sr["path"]), transfer.task)
+        if fmt == "raw":  # a raw body into a VDI written through its driver
+            decoder = image_import.RawAsImage(decoder_for(plan))
+        else:
+            decoder = image_import.make_decoder(fmt, spill, plan.expected, plan.virtual_size)
+    checkpoints = _Checkpoints(job, plan.resume_offset)
+    state_file = _state_file(svc, job)
+    finished = False
+
+    def durable_state(position: int) -> bool:
+        """Worker thread: data, spill and decoder state durable at `position`."""
+        sink.target.flush()
+        if spill is not None and hasattr(spill, "sync"):
+            spill.sync()
+        return resume.save(state_file, resume.Checkpoint(position, decoder, sink.punch))
+
+    async def on_batch(body_bytes: int, force: bool = False) -> None:
+        position = plan.resume_offset + body_bytes
+        if sink.target is not None and checkpoints.enabled and (force or checkpoints.due(position)):
+            if await storage.in_thread(durable_state, position):
+                await svc.tasks.checkpoint(transfer, position)
+            checkpoints.done(position)
 
     async def on_header(header: Header) -> None:
         declared = header.virtual_size
@@ -318,34 +487,41 @@ async def _receive_image(svc: Services, job: ImportJob, body: StreamReader) -> i
         )
 
     async def on_progress(received: int, current: image_import.Sink) -> None:
-        transfer.bytes = received
+        transfer.bytes = plan.resume_offset + received
         size = current.size or plan.virtual_size
         progress = _progress(received, plan.expected, current.reached, size)
         await svc.tasks.report(transfer, received, progress)
 
     try:
-        received = await image_import.run_pipeline(decoder, body, sink, on_header, on_progress)
-        transfer.bytes = received
+        received = plan.skip + await image_import.run_pipeline(
+            decoder, body, sink, on_header, on_progress, on_batch, final=plan.params.complete
+        )
+        transfer.bytes = plan.resume_offset + received - plan.skip
         if plan.expected is not None and received != plan.expected:
             raise _short_body(received, plan.expected)
+        if not plan.params.complete:
+            await on_batch(received - plan.skip, True)  # a segment ends durable
+            return transfer.bytes
         if sink.target is None:
             raise ApiError("IMAGE_INVALID", f"the {fmt} stream ended before its header")
         await storage.in_thread(sink.target.flush)
+        finished = True
     finally:
         if sink.target is not None:
             await storage.in_thread(sink.target.close)
         if spill is not None:
-            await storage.in_thread(spill.close)
+            keep = transfer.resumable and not finished  # a suspended upload needs it again
+            await storage.in_thread(functools.partial(spill.close, remove=not keep))
     event(
         log,
         "import.done",
         task=transfer.task,
         vdi=job.vdi["uuid"],
         format=fmt,
-        bytes=received,
+        bytes=transfer.bytes,
         written=sink.written,
     )
-    return received
+    return transfer.bytes
 
 
 async def _open(svc: Services, vdi: Row) -> image_import.FdTarget | image_import.ChainTarget:
@@ -374,17 +550,31 @@ def _is_payload_error(exc: Exception) -> bool:
     return isinstance(exc, http_exceptions.HttpProcessingError)
 
 
+class ClientGone(ApiError):
+    """The body stopped before its end. A resumable upload is suspended, not failed."""
+
+    suspends = True
+
+
 def _short_body(received: int, expected: int | None, cause: BaseException | None = None):
     of = f" of {expected}" if expected is not None else ""
     why = f" ({cause})" if cause and str(cause) else ""
-    return bad_request(
-        f"the upload ended after {received}{of} bytes: the client closed the connection{why}"
+    return ClientGone(
+        "BAD_REQUEST",
+        f"the upload ended after {received}{of} bytes: the client closed the connection{why}",
     )
 
 
 async def abandon(svc: Services, job: ImportJob, why: BaseException) -> None:
     """After a failed or cancelled import has ended its task: remove a VDI the import itself
     created. (An existing VDI keeps what was written; it was the client's to overwrite.)"""
+    if job.transfer.resumable:
+        task = await svc.tasks.get(job.transfer.task)
+        if task["status"] == "pending":
+            return  # suspended: the upload may go on, its VDI with it
+        await storage.in_thread(
+            resume.discard, svc.config.state_dir, job.transfer.task, [Path(job.plan.sr["path"])]
+        )
     if job.created and job.vdi is not None:
         try:
             await svc.vdis.delete(job.vdi["uuid"])

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import re
 
 from aiohttp import web
 
@@ -72,6 +73,8 @@ async def import_raw_vdi(request: web.Request) -> web.StreamResponse:
         task_id=param(request, "task_id"),
         virtual_size=param(request, "virtual_size"),
         name_label=param(request, "name_label"),
+        content_range=_content_range(request.headers.get("Content-Range")),
+        complete=request.headers.get("Upload-Complete", "?1").strip() != "?0",
     )
     length = _content_length(request)
     plan = await imports.plan(svc, params, length)
@@ -91,7 +94,10 @@ async def import_raw_vdi(request: web.Request) -> web.StreamResponse:
             received = await imports.receive(svc, job, request.content)
             assert job.vdi is not None
             log_fields["vdi"] = job.vdi["uuid"]
-            await svc.tasks.succeed(transfer, job.vdi["uuid"])
+            if plan.params.complete:
+                await svc.tasks.succeed(transfer, job.vdi["uuid"])
+            else:  # one segment of a resumable upload: durable, and the upload stays open
+                await svc.tasks.suspend(transfer, "segment received")
     except asyncio.CancelledError:
         await asyncio.shield(imports.abandon(svc, job, asyncio.CancelledError()))
         raise  # aiohttp closes the connection
@@ -106,10 +112,47 @@ async def import_raw_vdi(request: web.Request) -> web.StreamResponse:
         await imports.abandon(svc, job, exc)
         raise
     log_fields["bytes_in"] = received
+    if not plan.params.complete:
+        return web.Response(
+            status=204, headers={**headers, "Upload-Offset": str(received), "Upload-Complete": "?0"}
+        )
     return json_response(
         {"task": transfer.task, "task_ref": task["ref"], "vdi": job.vdi["uuid"], "bytes": received},
         headers=headers,
     )
+
+
+def _content_range(value: str | None) -> tuple[int, int | None, int | None] | None:
+    """`bytes START-END/TOTAL` (TOTAL may be `*`) as (start, end, total); as curl -C sends."""
+    if value is None:
+        return None
+    m = re.fullmatch(r"\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*", value)
+    if not m:
+        raise bad_request(f"Content-Range {value!r} is not bytes START-END/TOTAL")
+    start, end = int(m.group(1)), int(m.group(2))
+    total = None if m.group(3) == "*" else int(m.group(3))
+    if end < start or (total is not None and end >= total):
+        raise bad_request(f"Content-Range {value!r} is not a range inside the upload")
+    return start, end, total
+
+
+@requires("operator")
+async def upload_status(request: web.Request) -> web.Response:
+    """HEAD /import_raw_vdi?task_id=: how much of a resumable upload is durable."""
+    svc = services(request)
+    task_id = param(request, "task_id")
+    if not task_id:
+        raise bad_request("give task_id= of the upload")
+    task = await svc.tasks.get(task_id)
+    request[LOG_FIELDS]["task"] = task["uuid"]
+    headers = {"Cache-Control": "no-store", "Upload-Offset": str(task["upload_offset"])}
+    if task["status"] == "success":
+        return web.Response(headers={**headers, "Upload-Complete": "?1"})
+    if task["status"] != "pending" or not task["resumable"]:
+        return web.Response(status=410, headers=headers)
+    if task["upload_length"] is not None:
+        headers["Upload-Length"] = str(task["upload_length"])
+    return web.Response(headers={**headers, "Upload-Complete": "?0"})
 
 
 # -- export --------------------------------------------------------------------------------
@@ -245,6 +288,7 @@ async def extents(request: web.Request) -> web.Response:
 def add_routes(app: web.Application) -> None:
     for path in ("/import_raw_vdi", "/import_raw_vdi/{tail:.*}"):
         app.router.add_route("PUT", path, import_raw_vdi, expect_handler=no_automatic_continue)
+        app.router.add_route("HEAD", path, upload_status)
     for path in ("/export_raw_vdi", "/export_raw_vdi/{tail:.*}"):
         app.router.add_get(path, export_raw_vdi)  # and HEAD
     app.add_routes(routes)
