@@ -62,6 +62,11 @@ class ImportParams:
     name_label: str | None
     content_range: tuple[int, int | None, int | None] | None = None  # start, end, total
     complete: bool = True  # Upload-Complete: ?0 makes this request one segment of the upload
+    announced: bool = False  # the client speaks the resumable-upload draft: resumable too
+
+    @property
+    def resumable(self) -> bool:
+        return bool(self.task_id) or self.announced
 
 
 @dataclass
@@ -224,7 +229,7 @@ async def start(svc: Services, plan: ImportPlan, user: str) -> ImportJob:
         if created:
             await svc.vdis.delete(vdi["uuid"])
         raise
-    if plan.params.task_id:  # the client can name this upload again: it is resumable
+    if plan.params.resumable:  # the client can name this upload again
         length = plan.params.content_range[2] if plan.params.content_range else plan.expected
         await svc.tasks.make_resumable(transfer, plan.params.format, plan.params.chunked, length)
     job = ImportJob(plan, transfer, vdi, created)

@@ -10,12 +10,13 @@ import asyncio
 import contextlib
 import functools
 import re
+from pathlib import Path
 
 from aiohttp import web
 
 from auth.middleware import PRINCIPAL, requires
 from formats.driver import DATA
-from transfer import deltas, exports, imports, layers, storage
+from transfer import deltas, exports, imports, layers, resume, storage
 from transfer.errors import ApiError, bad_request
 from transfer.handlers.common import json_response
 from transfer.logs import LOG_FIELDS
@@ -61,10 +62,11 @@ def _content_length(request: web.Request) -> int | None:
 # -- import --------------------------------------------------------------------------------
 
 
+INTEROP_VERSIONS = ("9",)  # Upload-Draft-Interop-Version values we answer with a 104
+
+
 @requires("operator")
 async def import_raw_vdi(request: web.Request) -> web.StreamResponse:
-    svc = services(request)
-    log_fields = request[LOG_FIELDS]
     params = imports.ImportParams(
         vdi=param(request, "vdi"),
         sr=param(request, "sr"),
@@ -74,12 +76,21 @@ async def import_raw_vdi(request: web.Request) -> web.StreamResponse:
         virtual_size=param(request, "virtual_size"),
         name_label=param(request, "name_label"),
         content_range=_content_range(request.headers.get("Content-Range")),
-        complete=request.headers.get("Upload-Complete", "?1").strip() != "?0",
+        complete=_upload_complete(request, default=True),
+        # Upload-Complete on an import: the client speaks the resumable-upload draft.
+        announced="Upload-Complete" in request.headers,
     )
+    return await _import(request, params)
+
+
+async def _import(request: web.Request, params: imports.ImportParams) -> web.StreamResponse:
+    """An import (PUT) or an append to an upload resource (PATCH), from checks to answer."""
+    svc = services(request)
+    log_fields = request[LOG_FIELDS]
     length = _content_length(request)
     plan = await imports.plan(svc, params, length)
     log_fields["vdi"] = plan.target_uuid
-    if length == 0:
+    if length == 0 and params.complete and not params.content_range:
         # Clients probe with an empty PUT: answer, but create and write nothing.
         return json_response({"task": None, "vdi": plan.target_uuid, "bytes": 0})
 
@@ -88,8 +99,16 @@ async def import_raw_vdi(request: web.Request) -> web.StreamResponse:
     log_fields.update(vdi=job.vdi["uuid"] if job.vdi else None, task=transfer.task)
     task = await svc.tasks.get(transfer.task)
     headers = {"task-id": task["ref"]}
+    if params.resumable:
+        headers["Location"] = f"/uploads/{transfer.task}"
     try:
         async with svc.tasks.run(transfer):
+            if (
+                params.announced
+                and request.headers.get("Upload-Draft-Interop-Version", "").strip()
+                in INTEROP_VERSIONS
+            ):
+                await _send_104(request, headers["Location"])
             await send_continue(request)
             received = await imports.receive(svc, job, request.content)
             assert job.vdi is not None
@@ -104,7 +123,9 @@ async def import_raw_vdi(request: web.Request) -> web.StreamResponse:
     except ApiError as exc:
         await imports.abandon(svc, job, exc)
         log_fields["bytes_in"] = transfer.bytes
-        response = json_response(exc.to_json(), status=exc.status, headers=headers)
+        response = json_response(
+            exc.to_json(), status=exc.status, headers={**headers, **exc.headers}
+        )
         response.force_close()  # the rest of the body, if any, is not wanted
         log_fields["error"] = exc.code
         return response
@@ -116,10 +137,110 @@ async def import_raw_vdi(request: web.Request) -> web.StreamResponse:
         return web.Response(
             status=204, headers={**headers, "Upload-Offset": str(received), "Upload-Complete": "?0"}
         )
+    if params.resumable:
+        headers["Upload-Complete"] = "?1"
     return json_response(
         {"task": transfer.task, "task_ref": task["ref"], "vdi": job.vdi["uuid"], "bytes": received},
         headers=headers,
     )
+
+
+async def _send_104(request: web.Request, location: str) -> None:
+    """104 (Upload Resumption Supported): the client learns the upload resource early."""
+    version = request.headers["Upload-Draft-Interop-Version"].strip()
+    await request.writer.write(
+        (
+            f"HTTP/1.1 104 Upload Resumption Supported\r\nLocation: {location}\r\n"
+            f"Upload-Draft-Interop-Version: {version}\r\n\r\n"
+        ).encode()
+    )
+
+
+def _upload_complete(request: web.Request, default: bool | None) -> bool:
+    """The Upload-Complete structured boolean (?1 / ?0)."""
+    value = request.headers.get("Upload-Complete")
+    if value is None:
+        if default is None:
+            raise bad_request("Upload-Complete (?1 or ?0) is required")
+        return default
+    if value.strip() not in ("?0", "?1"):
+        raise bad_request(f"Upload-Complete {value!r} is not ?0 or ?1")
+    return value.strip() == "?1"
+
+
+# -- the upload resource of the resumable-upload draft: /uploads/{task} ---------------------
+
+
+async def _upload_task(request: web.Request) -> dict:
+    svc = services(request)
+    task = await svc.tasks.get(request.match_info["task"])
+    request[LOG_FIELDS]["task"] = task["uuid"]
+    if not task["resumable"]:
+        raise ApiError(
+            "TASK_NOT_FOUND", f"task {task['uuid']} is not an upload resource", task["uuid"]
+        )
+    return task
+
+
+@requires("operator")
+async def upload_resource_status(request: web.Request) -> web.Response:
+    """HEAD /uploads/{task}: Upload-Offset, Upload-Complete (204); 410 once it failed."""
+    task = await _upload_task(request)
+    headers = {"Cache-Control": "no-store", "Upload-Offset": str(task["upload_offset"])}
+    if task["upload_length"] is not None:
+        headers["Upload-Length"] = str(task["upload_length"])
+    if task["status"] == "success":
+        return web.Response(status=204, headers={**headers, "Upload-Complete": "?1"})
+    if task["status"] != "pending":
+        return web.Response(status=410, headers=headers)
+    return web.Response(status=204, headers={**headers, "Upload-Complete": "?0"})
+
+
+@requires("operator")
+async def upload_append(request: web.Request) -> web.StreamResponse:
+    """PATCH /uploads/{task} with application/partial-upload: append at Upload-Offset."""
+    task = await _upload_task(request)
+    content_type = request.headers.get("Content-Type", "").split(";")[0].strip().lower()
+    if content_type != "application/partial-upload":
+        raise ApiError(
+            "BAD_REQUEST", "an append needs Content-Type: application/partial-upload", status=415
+        )
+    try:
+        offset = int(request.headers["Upload-Offset"])
+    except (KeyError, ValueError):
+        raise bad_request("an append needs Upload-Offset: the offset it starts at") from None
+    if task["status"] == "pending" and offset != task["upload_offset"]:
+        raise ApiError(
+            "UPLOAD_OFFSET_MISMATCH",
+            f"the upload is at byte {task['upload_offset']}, not {offset}",
+            task["upload_offset"],
+            offset,
+            headers={"Upload-Offset": str(task["upload_offset"]), "Upload-Complete": "?0"},
+        )
+    length = request.headers.get("Upload-Length")
+    params = imports.ImportParams(
+        vdi=task["vdi"],
+        sr=None,
+        format=task["upload_format"] or "raw",
+        chunked=bool(task["upload_chunked"]),
+        task_id=task["uuid"],
+        virtual_size=None,
+        name_label=None,
+        content_range=(offset, None, int(length) if length and length.isdigit() else None),
+        complete=_upload_complete(request, default=None),
+    )
+    return await _import(request, params)
+
+
+@requires("operator")
+async def upload_cancel(request: web.Request) -> web.Response:
+    """DELETE /uploads/{task}: the upload ends (cancelled); a connection feeding it closes."""
+    svc = services(request)
+    task = await _upload_task(request)
+    await svc.tasks.cancel(task["uuid"])
+    srs = [Path(row["path"]) for row in await svc.srs.list()]
+    await storage.in_thread(resume.discard, svc.config.state_dir, task["uuid"], srs)
+    return web.Response(status=204)
 
 
 def _content_range(value: str | None) -> tuple[int, int | None, int | None] | None:
@@ -289,6 +410,11 @@ def add_routes(app: web.Application) -> None:
     for path in ("/import_raw_vdi", "/import_raw_vdi/{tail:.*}"):
         app.router.add_route("PUT", path, import_raw_vdi, expect_handler=no_automatic_continue)
         app.router.add_route("HEAD", path, upload_status)
+    app.router.add_route("HEAD", "/uploads/{task}", upload_resource_status)
+    app.router.add_route(
+        "PATCH", "/uploads/{task}", upload_append, expect_handler=no_automatic_continue
+    )
+    app.router.add_route("DELETE", "/uploads/{task}", upload_cancel)
     for path in ("/export_raw_vdi", "/export_raw_vdi/{tail:.*}"):
         app.router.add_get(path, export_raw_vdi)  # and HEAD
     app.add_routes(routes)
