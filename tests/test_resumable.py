@@ -280,3 +280,42 @@ def test_an_upload_nobody_resumes_expires(tmp_path, disk):
         assert list((srv.state_dir / "uploads").glob("*")) == []
     finally:
         srv.stop()
+
+
+def test_resumed_download_never_splices_two_versions(srv, tmp_path):
+    """curl -C - with the ETag as If-Range: unchanged VDI -> the rest (206); changed VDI ->
+    the server sends the whole new disk (200) and curl refuses to append it to the old part
+    instead of splicing two versions."""
+    vdi = create_vdi(srv.url, 4 * MiB)
+    first = tmp_path / "v1"
+    first.write_bytes(os.urandom(4 * MiB))
+    assert curl_upload(f"{srv.url}/import_raw_vdi?vdi={vdi['uuid']}", "-T", str(first))[0] == 200
+    url = f"{srv.url}/export_raw_vdi?vdi={vdi['uuid']}"
+    head = subprocess.run(
+        ["curl", "-sS", "-I", "-u", AUTH, url], capture_output=True, text=True, check=True
+    ).stdout
+    etag = next(
+        line.split(":", 1)[1].strip()
+        for line in head.splitlines()
+        if line.lower().startswith("etag:")
+    )
+    partial = tmp_path / "download"
+    partial.write_bytes(first.read_bytes()[:MiB])
+    ok = subprocess.run(
+        ["curl", "-sS", "-u", AUTH, "-C", "-", "-H", f"If-Range: {etag}", "-o", str(partial), url],
+        capture_output=True,
+        text=True,
+    )
+    assert ok.returncode == 0 and partial.read_bytes() == first.read_bytes()
+
+    partial.write_bytes(first.read_bytes()[:MiB])
+    second = tmp_path / "v2"
+    second.write_bytes(os.urandom(4 * MiB))
+    assert curl_upload(f"{srv.url}/import_raw_vdi?vdi={vdi['uuid']}", "-T", str(second))[0] == 200
+    stale = subprocess.run(
+        ["curl", "-sS", "-u", AUTH, "-C", "-", "-H", f"If-Range: {etag}", "-o", str(partial), url],
+        capture_output=True,
+        text=True,
+    )
+    assert stale.returncode == 33, stale.stderr  # "server does not support byte ranges"
+    assert partial.read_bytes() == first.read_bytes()[:MiB]  # nothing spliced onto it
