@@ -28,13 +28,52 @@ def basic(user: str, password: str) -> dict[str, str]:
 ADMIN = basic("admin", ADMIN_PASSWORD)
 
 
-@pytest.fixture
-def config(tmp_path: Path) -> Config:
+PG_SERVER = os.environ.get("VDIT_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432")
+
+
+def _pg(sql: str, database: str = "postgres") -> None:
+    import asyncio
+
+    import asyncpg
+
+    async def run() -> None:
+        conn = await asyncpg.connect(f"{PG_SERVER}/{database}", timeout=5)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    asyncio.run(run())
+
+
+@pytest.fixture(scope="session")
+def pg_database():
+    """A PostgreSQL database for this test run (real server, trust auth), dropped after."""
+    name = f"vdit_test_{os.getpid()}"
+    try:
+        _pg(f"CREATE DATABASE {name}")
+    except Exception as exc:
+        pytest.skip(f"no PostgreSQL at {PG_SERVER}: {exc}")
+    yield name
+    _pg(f"DROP DATABASE {name} WITH (FORCE)")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def config(request, tmp_path: Path) -> Config:
+    """The in-process tests run once on each state-store backend."""
+    url = ""
+    if request.param == "postgresql":
+        database = request.getfixturevalue("pg_database")
+        schema = f"t_{os.urandom(6).hex()}"
+        _pg(f"CREATE SCHEMA {schema}", database)
+        request.addfinalizer(lambda: _pg(f"DROP SCHEMA {schema} CASCADE", database))
+        url = f"{PG_SERVER}/{database}?search_path={schema}"
     return Config(
         state_dir=tmp_path / "state",
         admin_password=ADMIN_PASSWORD,
         name_label="test-host",
         port=8080,
+        database_url=url,
     )
 
 

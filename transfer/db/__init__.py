@@ -1,7 +1,7 @@
-"""The state store: one small async SQL interface, implemented for SQLite (embedded default).
+"""The state store: one small async SQL interface, for SQLite (the embedded default) and
+PostgreSQL (shared by the hosts of a pool).
 
 Queries are written once in portable SQL with ``?`` placeholders; each backend adapts them.
-A PostgreSQL backend plugs in behind the same interface (see `open_database`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,9 @@ async def open_database(url: str) -> Database:
 
         db: Database = await SQLiteDatabase.open(url.removeprefix("sqlite:///"))
     elif url.startswith(("postgresql://", "postgres://")):
-        raise NotImplementedError("PostgreSQL pools are not implemented yet")
+        from transfer.db.postgres import PostgresDatabase
+
+        db = await PostgresDatabase.open(url)
     else:
         raise ValueError(f"unsupported database URL {url!r}")
     await migrate(db)

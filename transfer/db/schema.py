@@ -110,6 +110,9 @@ async def migrate(db: Database) -> int:
     current = 0
     for version, statements in MIGRATIONS:
         async with db.transaction() as tx:
+            if db.dialect == "postgresql":
+                # Hosts of a pool may start together: one migrates, the others wait.
+                await tx.execute("SELECT pg_advisory_xact_lock(7230951)")
             # Re-checked inside the transaction: another host or CLI may have just applied it.
             if await tx.fetchone("SELECT 1 FROM schema_migrations WHERE version = ?", version):
                 current = version
