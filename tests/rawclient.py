@@ -150,3 +150,22 @@ class RawRequest:
 
     def close(self) -> None:
         self.sock.close()
+
+
+def export_to(base: str, vdi: str, dest: Path, query: str = "") -> Path:
+    """curl the VDI's export (raw unless `query` says otherwise) into `dest`."""
+    subprocess.run(
+        [
+            "curl",
+            "-sS",
+            "-f",
+            "-u",
+            AUTH,
+            "-o",
+            str(dest),
+            f"{base}/export_raw_vdi?vdi={vdi}{query}",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return dest

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.rawclient import AUTH, api, create_vdi, curl_upload, sha256_file, task
+from tests.rawclient import AUTH, api, create_vdi, curl_upload, export_to, sha256_file, task
 
 MiB = 1 << 20
 # Not a multiple of 64 KiB or 2 MiB; data crosses block and cluster boundaries.
@@ -335,19 +335,7 @@ def test_images_type_mapping_picks_the_runtime_format(reference, tmp_path):
         _, vdi = api(f"{srv.url}/vdis/{body['vdi']}")
         assert vdi["image_format"] == "vhd"
         out = tmp_path / "back.raw"
-        subprocess.run(
-            [
-                "curl",
-                "-sS",
-                "-f",
-                "-u",
-                AUTH,
-                "-o",
-                str(out),
-                f"{srv.url}/export_raw_vdi?vdi={vdi['uuid']}",
-            ],
-            check=True,
-        )
+        export_to(srv.url, vdi["uuid"], out)
         assert sha256_file(out) == sha256_file(reference)
         stored = srv.state_dir / "srs" / sr / f"{vdi['uuid']}.vhd"
         subprocess.run(

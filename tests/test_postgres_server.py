@@ -8,7 +8,7 @@ import signal
 import subprocess
 
 from tests.conftest import PG_SERVER, ServerProcess, _pg
-from tests.rawclient import AUTH, api, curl_upload, task
+from tests.rawclient import AUTH, api, curl_upload, export_to, task
 
 MiB = 1 << 20
 
@@ -32,19 +32,7 @@ def test_server_on_postgresql(tmp_path, pg_database):
         status, snap = api(f"{srv.url}/vdis/{vdi['uuid']}/snapshot", "POST")
         assert status == 201 and snap["is_a_snapshot"]
         out = tmp_path / "out"
-        subprocess.run(
-            [
-                "curl",
-                "-sS",
-                "-f",
-                "-u",
-                AUTH,
-                "-o",
-                str(out),
-                f"{srv.url}/export_raw_vdi?vdi={snap['uuid']}",
-            ],
-            check=True,
-        )
+        export_to(srv.url, snap["uuid"], out)
         assert (
             hashlib.sha256(out.read_bytes()[: 3 * MiB]).digest()
             == hashlib.sha256(src.read_bytes()).digest()

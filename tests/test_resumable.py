@@ -14,7 +14,16 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ServerProcess
-from tests.rawclient import AUTH, AUTH_HEADER, RawRequest, api, create_vdi, curl_upload, task
+from tests.rawclient import (
+    AUTH,
+    AUTH_HEADER,
+    RawRequest,
+    api,
+    create_vdi,
+    curl_upload,
+    export_to,
+    task,
+)
 
 MiB = 1 << 20
 SIZE = 40 * MiB
@@ -93,19 +102,7 @@ def resume_with_curl(base: str, query: str, path: Path, offset: int):
 
 def vdi_bytes(srv, vdi_uuid: str, tmp_path) -> bytes:
     out = tmp_path / "out.raw"
-    subprocess.run(
-        [
-            "curl",
-            "-sS",
-            "-f",
-            "-u",
-            AUTH,
-            "-o",
-            str(out),
-            f"{srv.url}/export_raw_vdi?vdi={vdi_uuid}",
-        ],
-        check=True,
-    )
+    export_to(srv.url, vdi_uuid, out)
     return out.read_bytes()
 
 
@@ -217,19 +214,7 @@ def test_resume_after_sigkill(tmp_path, disk, fmt):
                 curl_upload(f"{srv.url}/import_raw_vdi?vdi={full['uuid']}", "-T", str(disk))[0]
                 == 200
             )
-            subprocess.run(
-                [
-                    "curl",
-                    "-sS",
-                    "-f",
-                    "-u",
-                    AUTH,
-                    "-o",
-                    str(stream),
-                    f"{srv.url}/export_raw_vdi?vdi={full['uuid']}&format=tar",
-                ],
-                check=True,
-            )
+            export_to(srv.url, full["uuid"], stream, "&format=tar")
         else:
             stream = stream_for(fmt, disk, tmp_path)
         query_fmt = "format=raw&chunked=true" if fmt == "chunked" else f"format={fmt}"

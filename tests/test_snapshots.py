@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from tests.rawclient import api, create_vdi, curl_upload
+from tests.rawclient import api, create_vdi, curl_upload, export_to
 
 MiB = 1 << 20
 
@@ -30,24 +30,9 @@ def upload(srv, vdi, data: bytes, tmp_path, *, query: str = ""):
 
 
 def download(srv, vdi, tmp_path) -> bytes:
-    import subprocess
-
-    from tests.rawclient import AUTH
 
     out = tmp_path / "out"
-    subprocess.run(
-        [
-            "curl",
-            "-sS",
-            "-f",
-            "-u",
-            AUTH,
-            "-o",
-            str(out),
-            f"{srv.url}/export_raw_vdi?vdi={vdi['uuid']}",
-        ],
-        check=True,
-    )
+    export_to(srv.url, vdi["uuid"], out)
     return out.read_bytes()
 
 
