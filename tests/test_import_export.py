@@ -516,3 +516,18 @@ def test_upload_sha_matches_after_many_small_frames(srv, tmp_path):
     assert status == 200
     got = vdi_file(srv, vdi).read_bytes()
     assert hashlib.sha256(got[: 2 * MiB]).digest() == hashlib.sha256(data).digest()
+
+
+def test_delete_or_write_right_after_a_download_is_not_refused(srv, tmp_path):
+    """The last byte reaches the client before the export has closed its files: a delete
+    or an upload that follows at once waits for it rather than getting VDI_IN_USE."""
+    src = random_file(tmp_path, "src", MiB)
+    for _ in range(10):
+        vdi = create_vdi(srv.url, MiB)
+        assert curl_upload(f"{srv.url}/import_raw_vdi?vdi={vdi['uuid']}", "-T", str(src))[0] == 200
+        out = tmp_path / "o"
+        download(f"{srv.url}/export_raw_vdi?vdi={vdi['uuid']}", out)
+        status, body, _ = curl_upload(f"{srv.url}/import_raw_vdi?vdi={vdi['uuid']}", "-T", str(src))
+        assert status == 200, body
+        download(f"{srv.url}/export_raw_vdi?vdi={vdi['uuid']}", out)
+        assert api(f"{srv.url}/vdis/{vdi['uuid']}", "DELETE")[0] == 204

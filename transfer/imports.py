@@ -105,7 +105,7 @@ async def plan(svc: Services, params: ImportParams, content_length: int | None) 
         vdi = await svc.vdis.get(params.vdi)
         if vdi["read_only"]:
             raise ApiError("VDI_READ_ONLY", f"VDI {vdi['uuid']} is read-only", vdi["uuid"])
-        svc.vdis.check_free(vdi)
+        await svc.vdis.ensure_free(vdi)
         sr = await svc.srs.get(vdi["sr"])
         size = vdi["virtual_size"]
         if params.virtual_size is not None:
@@ -191,7 +191,7 @@ async def _plan_resume(
             start,
             headers={"Upload-Offset": str(durable)},
         )
-    svc.vdis.check_free(vdi)
+    await svc.vdis.ensure_free(vdi)
     sr = await svc.srs.get(vdi["sr"])
     return ImportPlan(
         params,

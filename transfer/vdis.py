@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import functools
 import time
@@ -20,6 +21,7 @@ from transfer.srs import SrService
 MAX_NAME = 255
 MAX_VIRTUAL_SIZE = 2**63 - 2**20  # what an off_t holds; the filesystem may allow less
 VHD_MAX = 2040 << 30
+READER_GRACE = 5.0  # seconds a writer waits for exports that are finishing
 
 
 def _vhd_now() -> int:
@@ -137,7 +139,7 @@ class VdiService:
         """Remove a VDI. If other VDIs read through its file (it is a layer of their chains),
         it only disappears from view; the file goes with the last VDI that needs it."""
         row = await self.get(ident)
-        self.check_free(row)
+        await self.ensure_free(row)
         removed: list[Row] = []
         async with self.db.transaction() as tx:
             current: Row | None = row
@@ -337,6 +339,20 @@ class VdiService:
                 row["locked_by"],
             )
 
+    async def wait_for_readers(self, vdi_uuid: str, timeout: float = READER_GRACE) -> None:
+        """Give exports of the VDI on this host a moment to finish: a client that has just
+        received the last byte of a download may ask to write or delete while the export
+        is still closing its files, and should not get VDI_IN_USE for it."""
+        deadline = time.monotonic() + timeout
+        while self.readers[vdi_uuid] and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+
+    async def ensure_free(self, row: Row) -> None:
+        """check_free, after letting exports that are finishing end."""
+        self.check_not_written(row)
+        await self.wait_for_readers(row["uuid"])
+        self.check_free(row)
+
     def check_free(self, row: Row) -> None:
         """VDI_IN_USE if a writer holds the VDI or an export here is reading it."""
         self.check_not_written(row)
@@ -356,6 +372,7 @@ class VdiService:
         if not changed:
             self.check_free(await self.get(vdi_uuid))
             raise ApiError("VDI_IN_USE", f"VDI {vdi_uuid} is in use", vdi_uuid)
+        await self.wait_for_readers(vdi_uuid)
         if self.readers[vdi_uuid]:
             await self.unlock(vdi_uuid, task_uuid)
             raise ApiError("VDI_IN_USE", f"VDI {vdi_uuid} is being exported", vdi_uuid)
