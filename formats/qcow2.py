@@ -232,6 +232,10 @@ class _SpillMap:
         stop_whole = end >> bits
         if first_whole < stop_whole:
             self._set_bits(first_whole, stop_whole, True)
+            # Clusters now whole keep no partial intervals: a stale one would outlive the
+            # bit when the cluster is removed, and still claim to cover its bytes.
+            for cluster in [c for c in self.partial if first_whole <= c < stop_whole]:
+                del self.partial[cluster]
         edges = {start >> bits, (end - 1) >> bits}  # only these can be partly covered
         for cluster in sorted(edges):
             base = cluster << bits
@@ -268,6 +272,7 @@ class _SpillMap:
         for cluster, lo, hi, whole in self._pieces(start, end):
             if self._bit(cluster):
                 self._set_bits(cluster, cluster + 1, False)
+                self.partial.pop(cluster, None)
                 if not whole:
                     base = cluster << self.cluster_bits
                     rest = [[a, b] for a, b in ((base, lo), (hi, base + size)) if a < b]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import zstandard
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from formats.errors import FormatError
@@ -157,6 +157,14 @@ def test_a_reused_read_buffer(work: Path, reference: Path, name: str) -> None:
     st.lists(
         st.tuples(st.sampled_from(["add", "remove"]), st.integers(0, 20_000), st.integers(1, 9000))
     ),
+)
+@example(
+    cluster_bits=9,
+    operations=[("add", 0, 4097), ("add", 0, 4608), ("remove", 0, 4608), ("remove", 4096, 1)],
+)
+@example(
+    cluster_bits=9,
+    operations=[("add", 0, 1025), ("add", 0, 1536), ("remove", 0, 1536), ("add", 3072, 1)],
 )
 def test_spill_map_matches_a_model(cluster_bits: int, operations: list) -> None:
     """The record of spilled bytes (bitmap of whole clusters, intervals for the rest)
