@@ -45,6 +45,18 @@ def load_or_create_secret(state_dir: Path) -> bytes:
     return secret
 
 
+async def load_or_create_pool_secret(db) -> bytes:
+    """The signing key of a pool, kept in the database all its hosts share, so a session
+    from any host is valid on every host. Created by whichever host asks first."""
+    await db.execute(
+        "INSERT INTO pool_settings (name, value) VALUES ('session_secret', ?) "
+        "ON CONFLICT (name) DO NOTHING",
+        secrets.token_bytes(32).hex(),
+    )
+    row = await db.fetchone("SELECT value FROM pool_settings WHERE name = 'session_secret'")
+    return bytes.fromhex(row["value"])
+
+
 @dataclass(frozen=True)
 class Session:
     token: str

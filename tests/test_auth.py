@@ -7,8 +7,8 @@ import time
 import jwt
 import pytest
 
-from auth.sessions import load_or_create_secret
 from tests.conftest import ADMIN, ADMIN_PASSWORD, basic
+from transfer.services import SERVICES
 
 
 async def login(client, headers=None, **body):
@@ -101,13 +101,18 @@ async def test_garbage_session(client):
     )
 
 
+def signing_key(client) -> bytes:
+    """The key this server signs sessions with (state dir, or the pool's database)."""
+    return client.server.app[SERVICES].auth.signer._secret
+
+
 def _claims(**over):
     now = int(time.time())
     return {"typ": "session", "sub": "admin", "jti": "j-1", "iat": now, "exp": now + 60, **over}
 
 
 async def test_expired_jwt(client, config):
-    secret = load_or_create_secret(config.state_dir)
+    secret = signing_key(client)
     token = jwt.encode(_claims(exp=int(time.time()) - 5), secret, algorithm="HS256")
     body = await assert_401(
         await client.get("/vdis", params={"session_id": token}), "SESSION_INVALID"
@@ -132,14 +137,14 @@ async def test_jwt_signed_with_another_key(client):
 
 @pytest.mark.filterwarnings("ignore::jwt.warnings.InsecureKeyLengthWarning")
 async def test_jwt_other_algorithm_with_right_key_rejected(client, config):
-    secret = load_or_create_secret(config.state_dir)
+    secret = signing_key(client)
     token = jwt.encode(_claims(), secret, algorithm="HS512")
     await assert_401(await client.get("/vdis", params={"session_id": token}), "SESSION_INVALID")
 
 
 async def test_jwt_right_key_is_accepted(client, config):
     """The control for the forgeries above: a well-formed token with the pool key works."""
-    secret = load_or_create_secret(config.state_dir)
+    secret = signing_key(client)
     token = jwt.encode(_claims(), secret, algorithm="HS256")
     assert (await client.get("/vdis", params={"session_id": token})).status == 200
 

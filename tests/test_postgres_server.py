@@ -63,3 +63,82 @@ def test_server_on_postgresql(tmp_path, pg_database):
     finally:
         srv.stop()
         _pg(f"DROP SCHEMA {schema} CASCADE", pg_database)
+
+
+def test_two_hosts_share_sessions_and_see_each_other(tmp_path, pg_database):
+    """Two hosts on one PostgreSQL database: a session from one works on the other, a logout
+    on either ends it on both, and each lists both hosts as live."""
+    import sys
+
+    schema = f"s_{os.urandom(6).hex()}"
+    _pg(f"CREATE SCHEMA {schema}", pg_database)
+    env = {"VDIT_DATABASE_URL": f"{PG_SERVER}/{pg_database}?search_path={schema}"}
+    first = ServerProcess(tmp_path / "a", env=env).start()
+    second = ServerProcess(tmp_path / "b", env=env).start()
+    try:
+        _, session = api(
+            f"{first.url}/session", "POST", {"username": "admin", "password": AUTH.split(":", 1)[1]}
+        )
+        sid = session["session_id"]
+
+        def status_on(srv) -> str:
+            return subprocess.run(
+                [
+                    "curl",
+                    "-sS",
+                    "-o",
+                    os.devnull,
+                    "-w",
+                    "%{http_code}",
+                    f"{srv.url}/vdis?session_id={sid}",
+                ],
+                capture_output=True,
+                text=True,
+            ).stdout
+
+        assert status_on(first) == "200" and status_on(second) == "200"
+        _, hosts = api(f"{first.url}/hosts")
+        assert len(hosts) == 2 and all(h["live"] for h in hosts)
+        assert sorted(h["this_host"] for h in hosts) == [False, True]
+        assert {h["address"] for h in hosts} == {first.url, second.url}
+        _, srs = api(f"{second.url}/srs")
+        assert len(srs) == 2  # each host has its own local SR
+        listed = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "transfer",
+                "host",
+                "list",
+                "--state-dir",
+                str(first.state_dir),
+                "--database-url",
+                env["VDIT_DATABASE_URL"],
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert listed.returncode == 0, listed.stderr
+        assert listed.stdout.count("\tTrue\t") >= 2
+        logout = subprocess.run(
+            [
+                "curl",
+                "-sS",
+                "-o",
+                os.devnull,
+                "-w",
+                "%{http_code}",
+                "-X",
+                "DELETE",
+                f"{second.url}/session?session_id={sid}",
+            ],
+            capture_output=True,
+            text=True,
+        ).stdout
+        assert logout == "204"
+        assert status_on(first) == "401" and status_on(second) == "401"
+    finally:
+        first.stop()
+        second.stop()
+        _pg(f"DROP SCHEMA {schema} CASCADE", pg_database)

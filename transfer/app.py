@@ -15,7 +15,7 @@ from aiohttp.abc import AbstractAccessLogger
 
 from auth import middleware as auth_middleware
 from auth.middleware import Authenticator
-from auth.sessions import SessionSigner, load_or_create_secret
+from auth.sessions import SessionSigner, load_or_create_pool_secret, load_or_create_secret
 from auth.users import UserStore
 from transfer import __version__, resume, storage
 from transfer.config import Config
@@ -109,7 +109,13 @@ async def open_services(config: Config) -> Services:
     db = await open_database(config.database)
     host_uuid = load_or_create_host_uuid(config.state_dir)
     user_store = UserStore(db)
-    signer = SessionSigner(load_or_create_secret(config.state_dir), config.session_ttl)
+    # One host: the secret in its state dir (0600). A pool (PostgreSQL): in the shared
+    # database, so sessions and their revocation hold on every host.
+    if db.dialect == "postgresql":
+        secret = await load_or_create_pool_secret(db)
+    else:
+        secret = load_or_create_secret(config.state_dir)
+    signer = SessionSigner(secret, config.session_ttl)
     hosts = HostService(db, host_uuid, config.heartbeat_interval)
     srs = SrService(db, host_uuid, config.state_dir)
     return Services(

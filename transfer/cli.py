@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import getpass
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     remove.add_argument("username")
     for p in (add, passwd, user_sub.choices["list"], remove):
         _common(p)
+
+    host = sub.add_parser("host", help="the hosts of the pool")
+    host_sub = host.add_subparsers(dest="action", required=True)
+    _common(host_sub.add_parser("list", help="list hosts, their addresses and liveness"))
 
     sr = sub.add_parser("sr", help="storage repositories")
     sr_sub = sr.add_subparsers(dest="action", required=True)
@@ -124,6 +129,21 @@ def _services_offline(config: Config, action: Callable[[Any], Awaitable[int]]) -
     return asyncio.run(go())
 
 
+def _host(args: argparse.Namespace, config: Config) -> int:
+    async def show(svc: Any) -> int:
+        print("uuid\tname_label\taddress\tlive\tlast_heartbeat")
+        for row in await svc.hosts.list():
+            info = svc.hosts.to_json(row)
+            live = time.time() - row["heartbeat"] < 3 * svc.hosts.heartbeat_interval
+            print(
+                f"{info['uuid']}\t{info['name_label']}\t{info['address']}\t{live}"
+                f"\t{info['last_heartbeat']}"
+            )
+        return 0
+
+    return _services_offline(config, show)
+
+
 def _sr(args: argparse.Namespace, config: Config) -> int:
     async def show(svc: Any) -> int:
         print("uuid\tname_label\ttype\tshared\tsupported_image_formats\tdefault_image_format")
@@ -178,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
             _user(args, config)
         elif args.command == "sr":
             return _sr(args, config)
+        elif args.command == "host":
+            return _host(args, config)
         elif args.command == "vdi":
             return _vdi(args, config)
     except ApiError as exc:

@@ -98,6 +98,13 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             "ALTER TABLE tasks ADD COLUMN last_activity DOUBLE PRECISION",
         ],
     ),
+    (
+        4,
+        [
+            # Pool-wide settings, e.g. the session signing secret every host must share.
+            "CREATE TABLE pool_settings (name TEXT PRIMARY KEY, value TEXT NOT NULL)",
+        ],
+    ),
 ]
 
 
