@@ -739,6 +739,27 @@ def build_dynamic_header(
     return bytes(raw)
 
 
+def check_new_disk(
+    virtual_size: int, disk_uuid: bytes, timestamp: int, parent: tuple[bytes, int, str] | None
+) -> int:
+    """The arguments of a new VHD (encoded or created in place), checked; returns its
+    current_size (whole sectors). ValueError names what is wrong."""
+    if not isinstance(virtual_size, int) or virtual_size < 0:
+        raise ValueError(f"virtual size {virtual_size!r} is not a non-negative size")
+    current_size = round_up(virtual_size, SECTOR)
+    if current_size > MAX_VIRTUAL_SIZE:
+        raise ValueError(
+            f"virtual size {virtual_size} exceeds the VHD maximum of 2040 GiB "
+            f"({MAX_VIRTUAL_SIZE} bytes)"
+        )
+    check_identity(disk_uuid, timestamp, "disk")
+    if parent is not None:
+        check_identity(parent[0], parent[1], "parent")
+        if len(parent[2].encode("utf-16-be")) > 512:
+            raise ValueError("the parent name is longer than 256 UTF-16 code units")
+    return current_size
+
+
 def check_identity(uuid: bytes, timestamp: int, what: str) -> None:
     """ValueError unless `uuid` is 16 bytes and `timestamp` a 32-bit VHD timestamp."""
     if not isinstance(uuid, bytes | bytearray) or len(uuid) != 16:
@@ -766,20 +787,8 @@ class VhdLayout:
         timestamp: int,
         parent: tuple[bytes, int, str] | None = None,
     ):
-        if virtual_size < 0:
-            raise ValueError(f"virtual size {virtual_size} is negative")
-        if virtual_size > MAX_VIRTUAL_SIZE:
-            raise ValueError(
-                f"virtual size {virtual_size} exceeds the VHD maximum of 2040 GiB "
-                f"({MAX_VIRTUAL_SIZE} bytes)"
-            )
-        check_identity(disk_uuid, timestamp, "disk")
-        if parent is not None:
-            check_identity(parent[0], parent[1], "parent")
-            if len(parent[2].encode("utf-16-be")) > 512:
-                raise ValueError("the parent name is longer than 256 UTF-16 code units")
         self.virtual_size = virtual_size
-        self.current_size = round_up(virtual_size, SECTOR)
+        self.current_size = check_new_disk(virtual_size, disk_uuid, timestamp, parent)
         self.block_size = BLOCK_SIZE
         spb = BLOCK_SIZE // SECTOR
         self._sectors_per_block = spb

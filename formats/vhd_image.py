@@ -75,7 +75,7 @@ from formats.vhd import (
     VhdFooter,
     build_dynamic_header,
     build_footer,
-    check_identity,
+    check_new_disk,
     parse_dynamic_header,
     parse_footer,
     round_up,
@@ -258,24 +258,12 @@ class VhdImage:
         """A new, empty dynamic VHD (differencing with `parent` = (parent uuid, parent VHD
         timestamp, parent file name)), open for writing. The file must not exist. Nothing is
         synced: `flush` before relying on it."""
-        if not isinstance(virtual_size, int) or virtual_size < 0:
-            raise ValueError(f"virtual size {virtual_size!r} is not a size")
-        current_size = round_up(virtual_size, SECTOR)
-        if current_size > MAX_VIRTUAL_SIZE:
-            raise ValueError(
-                f"virtual size {virtual_size} exceeds the VHD maximum of 2040 GiB "
-                f"({MAX_VIRTUAL_SIZE} bytes)"
-            )
+        current_size = check_new_disk(virtual_size, disk_uuid, timestamp, parent)
         if block_size & (block_size - 1) or not MIN_BLOCK_SIZE <= block_size <= MAX_BLOCK_SIZE:
             raise ValueError(
                 f"block size {block_size} is not a power of two from {MIN_BLOCK_SIZE} to "
                 f"{MAX_BLOCK_SIZE}"
             )
-        check_identity(disk_uuid, timestamp, "disk")
-        if parent is not None:
-            check_identity(parent[0], parent[1], "parent")
-            if len(parent[2].encode("utf-16-be")) > 512:
-                raise ValueError("the parent name is longer than 256 UTF-16 code units")
         entries = -(-current_size // block_size)
         table_offset = FOOTER_SIZE + HEADER_SIZE
         metadata_end = table_offset + round_up(4 * entries, SECTOR)
@@ -472,13 +460,9 @@ class VhdImage:
             return
         with self._lock:
             self._begin_changes()
-            pos, end = offset, offset + length
-            bs = self.block_size
-            while pos < end:
-                block = pos // bs
-                hi = min(end, (block + 1) * bs)
-                self._write_in_block(block, pos - block * bs, view[pos - offset : hi - offset])
-                pos = hi
+            for block, lo, hi in self._block_spans(offset, length):
+                start = block * self.block_size + lo - offset
+                self._write_in_block(block, lo, view[start : start + hi - lo])
 
     def zero(self, offset: int, length: int) -> None:
         """Makes the range read as zero. Dynamic: whole sectors become ZERO (bits cleared,
@@ -491,16 +475,23 @@ class VhdImage:
             return
         with self._lock:
             self._begin_changes()
-            pos, end = offset, offset + length
-            bs = self.block_size
-            while pos < end:
-                block = pos // bs
-                hi = min(end, (block + 1) * bs)
-                if self.disk_type == DISK_DIFFERENCING:
-                    self._zero_differencing(block, pos - block * bs, hi - block * bs)
-                else:
-                    self._zero_dynamic(block, pos - block * bs, hi - block * bs)
-                pos = hi
+            zero_in_block = (
+                self._zero_differencing
+                if self.disk_type == DISK_DIFFERENCING
+                else self._zero_dynamic
+            )
+            for block, lo, hi in self._block_spans(offset, length):
+                zero_in_block(block, lo, hi)
+
+    def _block_spans(self, offset: int, length: int) -> Iterator[tuple[int, int, int]]:
+        """(block, lo, hi): the byte range [lo, hi) within each block the range touches."""
+        bs = self.block_size
+        pos, end = offset, offset + length
+        while pos < end:
+            block = pos // bs
+            hi = min(end, (block + 1) * bs)
+            yield block, pos - block * bs, hi - block * bs
+            pos = hi
 
     def extents(self, offset: int = 0, length: int | None = None) -> list[tuple[int, int, str]]:
         """(start, length, kind) runs of this layer over the range, coalesced, in order."""
