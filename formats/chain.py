@@ -83,9 +83,17 @@ class Chain:
         """The ranges the top `depth` layers say anything about (everything that can differ
         from the disk as layer `depth` and below show it), as DATA / ZERO runs of what the
         disk reads there now."""
+        return self.reads_over(self.touched(depth))
+
+    def touched(self, depth: int) -> list[tuple[int, int]]:
+        """(start, length) of every run the top `depth` layers hold DATA or ZERO for."""
         spans: list[tuple[int, int]] = []
         for layer in self.layers[:depth]:
             spans.extend((s, n) for s, n, kind in layer.extents() if kind != PARENT)
+        return spans
+
+    def reads_over(self, spans: list[tuple[int, int]]) -> list[tuple[int, int, str]]:
+        """DATA / ZERO runs of what the disk reads over `spans` (merged first)."""
         out: list[tuple[int, int, str]] = []
         for start, n in union_spans(spans):
             out.extend(self.extents(start, n))

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from formats.chain import Chain, coalesce, union_spans
-from formats.driver import DATA, PARENT, ZERO
+from formats.driver import DATA, ZERO
 from transfer import layers
 from transfer.db import Row
 from transfer.errors import bad_request
@@ -60,16 +60,11 @@ def _from_chains(
     vdi_chain = opened or layers.open_chain(vdi_files, writable=False)
     base_chain = layers.open_chain(base_files, writable=False) if base_depth else None
     try:
-        spans: list[tuple[int, int]] = []
-        for layer in vdi_chain.layers[:vdi_depth]:
-            spans.extend((s, n) for s, n, kind in layer.extents() if kind != PARENT)
+        # What either branch changed since their common layer, as the VDI reads it now.
+        spans = vdi_chain.touched(vdi_depth)
         if base_chain is not None:
-            for layer in base_chain.layers[:base_depth]:
-                spans.extend((s, n) for s, n, kind in layer.extents() if kind != PARENT)
-        out: list[tuple[int, int, str]] = []
-        for start, n in union_spans(spans):
-            out.extend(vdi_chain.extents(start, n))
-        return coalesce(out)
+            spans += base_chain.touched(base_depth)
+        return vdi_chain.reads_over(spans)
     finally:
         if opened is None:
             layers.close_chain(vdi_chain)
