@@ -1,6 +1,7 @@
 """Who is calling, and may they? The authentication middleware and per-handler role marks.
 
-Credentials are looked for in this order: the Authorization header (Basic or Bearer), the
+Credentials are looked for in this order: the Authorization header (Basic or Bearer), a
+`ticket` query parameter (on handlers that accept one: see auth/tickets.py), the
 `session_id` query parameter, the `session_id` cookie. The first one present decides: a bad
 one is not silently replaced by a later one. Handlers declare the role they need with
 `@requires(role)`, or `@public`; an undeclared handler needs admin, so forgetting is safe.
@@ -24,6 +25,7 @@ from aiohttp import web
 from auth.passwords import DUMMY_HASH, verify_password
 from auth.roles import allows
 from auth.sessions import SessionSigner
+from auth.tickets import Ticket, TicketSigner
 from auth.users import UserStore
 from transfer.db import Database
 from transfer.errors import ApiError
@@ -37,8 +39,9 @@ REALM = 'Basic realm="vdi-transfer"'
 class Principal:
     username: str
     role: str
-    via: str  # "basic" | "session"
+    via: str  # "basic" | "session" | "ticket"
     session_jti: str | None = None
+    ticket: Ticket | None = None  # via a ticket: the one operation on one object it opens
 
 
 PRINCIPAL = web.RequestKey("principal", Principal)
@@ -47,6 +50,17 @@ PRINCIPAL = web.RequestKey("principal", Principal)
 def requires(role: str) -> Callable[[Handler], Handler]:
     def mark(handler: Handler) -> Handler:
         handler.required_role = role  # type: ignore[attr-defined]
+        return handler
+
+    return mark
+
+
+def accepts_ticket(operation: str) -> Callable[[Handler], Handler]:
+    """The handler may be reached through a redirect to this host, with a ticket for
+    `operation`; the handler itself checks that the ticket names its VDI or SR."""
+
+    def mark(handler: Handler) -> Handler:
+        handler.ticket_operation = operation  # type: ignore[attr-defined]
         return handler
 
     return mark
@@ -95,6 +109,7 @@ class Authenticator:
         self.db = db
         self.users = users
         self.signer = signer
+        self.tickets = TicketSigner(signer.secret)
         self._cache = _VerifiedCache()
 
     async def check_password(self, username: str, password: str) -> Principal:
@@ -128,7 +143,28 @@ class Authenticator:
             session.expires,
         )
 
-    async def authenticate(self, request: web.Request) -> Principal:
+    async def check_ticket(self, token: str, operation: str | None) -> Principal:
+        ticket = self.tickets.verify(token)
+        if operation is None:
+            raise ApiError("SESSION_INVALID", "a ticket opens only the request it was issued for")
+        if ticket.operation != operation:
+            raise ApiError(
+                "SESSION_INVALID", f"the ticket was issued for {ticket.operation}, not {operation}"
+            )
+        if ticket.session and await self.db.fetchone(
+            "SELECT 1 FROM revoked_sessions WHERE jti = ?", ticket.session
+        ):
+            raise ApiError("SESSION_INVALID", "the session of this ticket has been logged out")
+        user = await self.users.get(ticket.username)
+        if user is None:
+            raise ApiError("SESSION_INVALID", "the ticket's user no longer exists")
+        return Principal(
+            ticket.username, user["role"], "ticket", session_jti=ticket.session, ticket=ticket
+        )
+
+    async def authenticate(
+        self, request: web.Request, ticket_operation: str | None = None
+    ) -> Principal:
         header = request.headers.get("Authorization")
         if header:
             scheme, _, value = header.partition(" ")
@@ -141,6 +177,9 @@ class Authenticator:
             raise ApiError(
                 "SESSION_INVALID", "unsupported Authorization scheme; use Basic or Bearer"
             )
+        ticket = request.query.get("ticket")
+        if ticket:
+            return await self.check_ticket(ticket, ticket_operation)
         token = session_token(request)
         if token:
             return await self.check_session(token)
@@ -173,7 +212,9 @@ def middleware(authenticator_of: Callable[[web.Request], Authenticator]):
         required = getattr(request.match_info.handler, "required_role", "admin")
         if required is None:
             return await handler(request)
-        principal = await authenticator_of(request).authenticate(request)
+        principal = await authenticator_of(request).authenticate(
+            request, getattr(request.match_info.handler, "ticket_operation", None)
+        )
         request[PRINCIPAL] = principal
         request[LOG_FIELDS]["user"] = principal.username
         if not allows(principal.role, required):

@@ -70,6 +70,11 @@ class SessionSigner:
         self._secret = secret
         self.ttl = ttl
 
+    @property
+    def secret(self) -> bytes:
+        """The pool secret; tickets (auth/tickets.py) are signed with it too."""
+        return self._secret
+
     def issue(self, username: str) -> Session:
         now = int(time.time())
         jti = str(uuid.uuid4())

@@ -68,6 +68,9 @@ class HostService:
     async def list(self) -> list[Row]:
         return await self.db.fetchall("SELECT * FROM hosts ORDER BY created, uuid")
 
+    async def get_or_none(self, host_uuid: str) -> Row | None:
+        return await self.db.fetchone("SELECT * FROM hosts WHERE uuid = ?", host_uuid)
+
     async def get(self, host_uuid: str) -> Row:
         row = await self.db.fetchone("SELECT * FROM hosts WHERE uuid = ?", host_uuid)
         if row is None:

@@ -90,6 +90,24 @@ def parse_format(value: str | None) -> str:
     return choose_format(value, IMPORT_FORMATS, decoded_formats(), "import")
 
 
+async def placement(svc: Services, params: ImportParams) -> tuple[str, str | None] | None:
+    """What the import writes (a VDI uuid, or the SR uuid a new VDI goes to) and the host
+    that must serve it (None: this one); None if the request names nothing (plan says so).
+    A resumed upload continues where its checkpoint is: on the host that ran it."""
+    if params.content_range is not None and params.task_id:
+        task = await svc.tasks.get(params.task_id)
+        if task["vdi"]:
+            return task["vdi"], task["host"]
+        return None
+    if params.vdi:
+        vdi = await svc.vdis.get(params.vdi)
+        return vdi["uuid"], await svc.vdis.owner(vdi)
+    if params.sr:
+        sr = await svc.srs.get(params.sr)
+        return sr["uuid"], svc.srs.owner(sr)
+    return None
+
+
 async def plan(svc: Services, params: ImportParams, content_length: int | None) -> ImportPlan:
     """Every check that needs no body: target, writability, availability, size."""
     if params.content_range is not None:

@@ -6,7 +6,8 @@ import asyncio
 
 from aiohttp import web
 
-from auth.middleware import PRINCIPAL, requires
+from auth.middleware import PRINCIPAL, accepts_ticket, requires
+from transfer import pool
 from transfer.handlers.common import field, json_response, read_json
 from transfer.logs import LOG_FIELDS
 from transfer.services import services
@@ -72,6 +73,7 @@ async def get_vdi(request: web.Request) -> web.Response:
 
 @routes.post("/vdis")
 @requires("operator")
+@accepts_ticket("create")
 async def create_vdi(request: web.Request) -> web.Response:
     """JSON {sr?, name_label?, virtual_size, image_format?} -> 201 with the new record.
     Without `sr`, the VDI goes to this host's local SR."""
@@ -79,6 +81,7 @@ async def create_vdi(request: web.Request) -> web.Response:
     body = await read_json(request)
     sr_ident = field(body, "sr", str, None)
     sr = await svc.srs.get(sr_ident) if sr_ident else await svc.srs.default()
+    await pool.route(request, "create", sr["uuid"], svc.srs.owner(sr))
     if "virtual_size" not in body:
         field(body, "virtual_size", int, required=True)
     size = parse_size(body["virtual_size"], "virtual_size")
@@ -92,16 +95,26 @@ async def create_vdi(request: web.Request) -> web.Response:
     return json_response(await svc.vdis.to_json(row), status=201)
 
 
+async def _served_vdi(request: web.Request, operation: str) -> str:
+    """The VDI of the path, once this host is the one to serve `operation` on it."""
+    vdis = services(request).vdis
+    vdi = await vdis.get(request.match_info["uuid"])
+    request[LOG_FIELDS]["vdi"] = vdi["uuid"]
+    await pool.route(request, operation, vdi["uuid"], await vdis.owner(vdi))
+    return vdi["uuid"]
+
+
 @routes.delete("/vdis/{uuid}")
 @requires("operator")
+@accepts_ticket("delete")
 async def delete_vdi(request: web.Request) -> web.Response:
-    row = await services(request).vdis.delete(request.match_info["uuid"])
-    request[LOG_FIELDS]["vdi"] = row["uuid"]
+    await services(request).vdis.delete(await _served_vdi(request, "delete"))
     return web.Response(status=204)
 
 
 @routes.post("/vdis/{uuid}/snapshot")
 @requires("operator")
+@accepts_ticket("snapshot")
 async def snapshot_vdi(request: web.Request) -> web.Response:
     """A read-only snapshot; JSON {name_label?} -> 201 with the snapshot's record."""
     return await _derive(request, snapshot=True)
@@ -109,6 +122,7 @@ async def snapshot_vdi(request: web.Request) -> web.Response:
 
 @routes.post("/vdis/{uuid}/clone")
 @requires("operator")
+@accepts_ticket("clone")
 async def clone_vdi(request: web.Request) -> web.Response:
     """A writable copy; JSON {name_label?} -> 201 with the new VDI's record."""
     return await _derive(request, snapshot=False)
@@ -116,9 +130,9 @@ async def clone_vdi(request: web.Request) -> web.Response:
 
 async def _derive(request: web.Request, snapshot: bool) -> web.Response:
     vdis = services(request).vdis
+    ident = await _served_vdi(request, "snapshot" if snapshot else "clone")
     body = await read_json(request)
     name = field(body, "name_label", str, None)
-    ident = request.match_info["uuid"]
     row = await (vdis.snapshot(ident, name) if snapshot else vdis.clone(ident, name))
     request[LOG_FIELDS]["vdi"] = row["uuid"]
     return json_response(await vdis.to_json(row), status=201)
