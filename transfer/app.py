@@ -25,9 +25,10 @@ from transfer.handlers import records, session, transfers, users
 from transfer.handlers.common import json_response
 from transfer.hosts import HostService, load_or_create_host_uuid
 from transfer.logs import LOG_FIELDS, event, redact_query
+from transfer.pool import Redirect, redirect_response
 from transfer.services import SERVICES, Services
 from transfer.srs import SrService
-from transfer.tasks import SHUTTING_DOWN, TaskManager
+from transfer.tasks import CANCEL_POLL, SHUTTING_DOWN, TaskManager
 from transfer.vdis import VdiService
 
 log = logging.getLogger("vdi_transfer")
@@ -42,6 +43,8 @@ async def errors_as_json(request: web.Request, handler) -> web.StreamResponse:
     request[LOG_FIELDS] = {}
     try:
         return await handler(request)
+    except Redirect as redirect:
+        return redirect_response(request, redirect)
     except ApiError as exc:
         headers = dict(exc.headers)
         if exc.status == 401:
@@ -123,7 +126,7 @@ async def open_services(config: Config) -> Services:
         db=db,
         hosts=hosts,
         srs=srs,
-        vdis=VdiService(db, srs),
+        vdis=VdiService(db, srs, config.heartbeat_interval),
         tasks=TaskManager(db, host_uuid, config.task_ttl),
         users=user_store,
         auth=Authenticator(db, user_store, signer),
@@ -160,13 +163,26 @@ def create_app(config: Config) -> web.Application:
         app[SERVICES] = svc
         await svc.hosts.register(config.name_label, config.advertise)
         await svc.srs.ensure_local_sr()
+        for sr in await svc.srs.unreachable_shared():
+            event(
+                log,
+                "sr.unreachable",
+                logging.WARNING,
+                sr=sr["uuid"],
+                path=sr["path"],
+                note="shared SR not mounted here (or not this SR): its VDIs will fail here",
+            )
         await _bootstrap_admin(svc)
         recovered = await svc.tasks.recover_after_restart()
+        await svc.vdis.drop_readers_of_this_host()
 
         async def housekeeping() -> None:
             await svc.tasks.collect_garbage()
-            srs = [Path(row["path"]) for row in await svc.srs.list()]
-            for task in await svc.tasks.expire_uploads(config.upload_ttl):
+            srs = [Path(row["path"]) for row in await svc.srs.list() if svc.srs.owner(row) is None]
+            await svc.tasks.expire_uploads(config.upload_ttl)
+            # Checkpoints of uploads that ended, here or (a cancel, an expiry) elsewhere.
+            saved = await storage.in_thread(resume.saved_tasks, config.state_dir)
+            for task in await svc.tasks.finished_among(saved):
                 await storage.in_thread(resume.discard, config.state_dir, task, srs)
 
         await svc.tasks.collect_garbage()
@@ -175,6 +191,7 @@ def create_app(config: Config) -> web.Application:
                 _every(config.heartbeat_interval, "heartbeat", svc.hosts.heartbeat)
             ),
             asyncio.create_task(_every(config.task_gc_interval, "task gc", housekeeping)),
+            asyncio.create_task(_every(CANCEL_POLL, "transfer watch", svc.tasks.watch)),
         ]
         event(
             log,

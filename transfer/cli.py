@@ -61,6 +61,28 @@ def build_parser() -> argparse.ArgumentParser:
     sr = sub.add_parser("sr", help="storage repositories")
     sr_sub = sr.add_subparsers(dest="action", required=True)
     _common(sr_sub.add_parser("list", help="list SRs and the image formats they store"))
+    sr_create = sr_sub.add_parser(
+        "create",
+        help="add an SR: a directory local to this host, or (--shared) one every host mounts",
+    )
+    sr_create.add_argument("sr_path", metavar="PATH", help="the directory (absolute)")
+    sr_create.add_argument(
+        "--shared",
+        dest="sr_shared",
+        action="store_true",
+        help="every host of the pool mounts PATH at the same place (NFS, say)",
+    )
+    sr_create.add_argument("--name-label", dest="sr_name", help="the SR's name")
+    sr_create.add_argument(
+        "--image-formats",
+        dest="sr_formats",
+        default="raw,vhd,qcow2",
+        help="comma-separated runtime formats its VDIs may use (default raw,vhd,qcow2)",
+    )
+    sr_create.add_argument(
+        "--default-image-format", dest="sr_default", default="raw", help="default raw"
+    )
+    _common(sr_create)
 
     vdi = sub.add_parser("vdi", help="virtual disks")
     vdi_sub = vdi.add_subparsers(dest="action", required=True)
@@ -145,12 +167,32 @@ def _host(args: argparse.Namespace, config: Config) -> int:
 
 
 def _sr(args: argparse.Namespace, config: Config) -> int:
+    if args.action == "create":
+
+        async def create(svc: Any) -> int:
+            row = await svc.srs.create(
+                Path(args.sr_path),
+                shared=args.sr_shared,
+                name_label=args.sr_name,
+                formats=[f.strip().lower() for f in args.sr_formats.split(",") if f.strip()],
+                default_format=args.sr_default.lower(),
+            )
+            where = "shared by every host" if row["shared"] else f"local to host {row['host']}"
+            print(f"{row['uuid']}\t{row['name_label']}\t{where}\t{row['path']}")
+            return 0
+
+        return _services_offline(config, create)
+
     async def show(svc: Any) -> int:
-        print("uuid\tname_label\ttype\tshared\tsupported_image_formats\tdefault_image_format")
+        print(
+            "uuid\tname_label\ttype\tshared\tsupported_image_formats"
+            "\tdefault_image_format\thost\tpath"
+        )
         for row in await svc.srs.list():
             print(
                 f"{row['uuid']}\t{row['name_label']}\t{row['type']}\t{bool(row['shared'])}"
                 f"\t{','.join(svc.srs.formats(row))}\t{row['default_image_format']}"
+                f"\t{row['host'] or '-'}\t{row['path']}"
             )
         return 0
 
@@ -182,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         k: v
         for k, v in vars(args).items()
         if k not in ("command", "action", "username", "role", "password_stdin", "vdi")
+        and not k.startswith("sr_")
     }
     try:
         config = load(options)

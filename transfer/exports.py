@@ -86,7 +86,7 @@ async def plan(
     svc: Services, vdi_ident: str, fmt: str, chunked: bool, base_ident: str | None
 ) -> ExportPlan:
     """Check the request and lay out the output. The caller holds a read claim on the VDI
-    (`svc.vdis.readers`) so no writer can start while it is being laid out or sent. The
+    (a lease: `svc.vdis.add_reader`) so no writer can start while it is being laid out or sent. The
     VDI's chain is opened once, here, and stays open in the plan until `plan.close()`."""
     if chunked and fmt != "raw":
         raise bad_request(f"chunked= applies to format raw only, not {fmt}")

@@ -57,6 +57,14 @@ def load(path: Path) -> Checkpoint | None:
         return None
 
 
+def saved_tasks(state_dir: Path) -> list[str]:
+    """Blocking: the tasks that have a checkpoint on this host."""
+    try:
+        return [p.stem for p in (state_dir / "uploads").glob("*.state")]
+    except FileNotFoundError:
+        return []
+
+
 def discard(state_dir: Path, task: str, sr_paths: list[Path]) -> None:
     """Blocking: remove an upload's checkpoint and spill files (it finished or expired)."""
     state_path(state_dir, task).unlink(missing_ok=True)

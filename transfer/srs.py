@@ -1,4 +1,6 @@
-"""Storage repositories: where VDI files live. Today: directories on this host."""
+"""Storage repositories: directories where VDI files live. A local SR is reachable by one
+host only (its VDIs are served there: transfer/pool.py); a shared SR is a directory every
+host of the pool mounts at the same path (NFS, say), and any host serves its VDIs."""
 
 from __future__ import annotations
 
@@ -7,11 +9,12 @@ from pathlib import Path
 
 from transfer import storage
 from transfer.db import Database, Row
-from transfer.errors import ApiError
+from transfer.errors import ApiError, bad_request
 from transfer.ids import new_ref, new_uuid
 
 IMAGE_FORMATS = ("raw", "vhd", "qcow2")
 LOCAL_SR_NAME = "Local storage"
+MARKER = ".vdi-transfer-sr"  # in an SR's directory: whose it is, so a wrong mount shows
 
 
 class SrService:
@@ -43,7 +46,67 @@ class SrService:
             )
             row = await self.get(sr_uuid)
         await storage.in_thread(storage.ensure_sr_dir, Path(row["path"]))
+        await self.sizes(row)  # recorded for the other hosts of a pool
         return row
+
+    async def create(
+        self,
+        path: Path,
+        *,
+        shared: bool,
+        name_label: str | None,
+        formats: list[str],
+        default_format: str,
+    ) -> Row:
+        """A new SR on a directory. A shared one must already exist (it is a mount every
+        host has); a local one is created. Either gets a marker naming the SR."""
+        if not path.is_absolute():
+            raise bad_request(f"the SR's path must be absolute, not {path}")
+        unknown = [f for f in formats if f not in IMAGE_FORMATS]
+        if unknown or not formats:
+            raise bad_request(
+                f"image formats must be some of {', '.join(IMAGE_FORMATS)}, not {formats}"
+            )
+        if default_format not in formats:
+            raise bad_request(f"the default image format {default_format} is not in {formats}")
+        if shared and not path.is_dir():
+            raise bad_request(f"{path} is not a directory: mount it on every host first")
+        for row in await self.list():
+            if Path(row["path"]) == path and (row["shared"] or row["host"] == self.host_uuid):
+                raise bad_request(f"{path} is SR {row['uuid']} already", row["uuid"])
+        sr_uuid = new_uuid()
+        await storage.in_thread(storage.ensure_sr_dir, path)
+        await storage.in_thread(_write_marker, path, sr_uuid)
+        await self.db.execute(
+            "INSERT INTO srs (uuid, ref, name_label, type, shared, host, path, "
+            "supported_image_formats, default_image_format, created) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            sr_uuid,
+            new_ref(),
+            name_label or ("Shared storage" if shared else LOCAL_SR_NAME),
+            "shared" if shared else "local",
+            int(shared),
+            None if shared else self.host_uuid,
+            str(path),
+            ",".join(formats),
+            default_format,
+            time.time(),
+        )
+        row = await self.get(sr_uuid)
+        await self.sizes(row)
+        return row
+
+    async def unreachable_shared(self) -> list[Row]:
+        """Shared SRs this host cannot see (not mounted, or another SR's directory)."""
+        rows = [row for row in await self.list() if row["shared"]]
+
+        def reachable(row: Row) -> bool:
+            try:
+                return (Path(row["path"]) / MARKER).read_text().strip() == row["uuid"]
+            except OSError:
+                return False
+
+        return [row for row in rows if not await storage.in_thread(reachable, row)]
 
     async def get(self, ident: str) -> Row:
         row = await self.db.fetchone("SELECT * FROM srs WHERE uuid = ? OR ref = ?", ident, ident)
@@ -58,19 +121,41 @@ class SrService:
         """The SR a VDI goes to when the client names none: this host's local SR."""
         return await self.ensure_local_sr()
 
+    def owner(self, sr: Row) -> str | None:
+        """The host that must serve the SR's VDIs, or None if this host can: a shared SR,
+        or one local to this host (transfer/pool.py redirects the rest)."""
+        if sr["shared"] or sr["host"] in (None, self.host_uuid):
+            return None
+        return sr["host"]
+
     @staticmethod
     def formats(row: Row) -> list[str]:
         return [f for f in row["supported_image_formats"].split(",") if f]
 
-    async def to_json(self, row: Row) -> dict:
+    async def sizes(self, row: Row) -> tuple[int, int]:
+        """(physical_size, physical_utilisation). A host that cannot see the SR's directory
+        (another host's local SR) reports what the owner last recorded."""
+        if self.owner(row) is not None:
+            used = await self.db.fetchone(
+                "SELECT SUM(physical_utilisation) AS n FROM vdis WHERE sr = ?", row["uuid"]
+            )
+            return row["physical_size"] or 0, int(used["n"] or 0) if used else 0
         path = Path(row["path"])
         files = await self.db.fetchall("SELECT path FROM vdis WHERE sr = ?", row["uuid"])
 
-        def sizes() -> tuple[int, int]:
+        def measure() -> tuple[int, int]:
             total, _ = storage.filesystem_size(path)
             return total, sum(storage.allocated_bytes(path / f["path"]) for f in files)
 
-        physical_size, used = await storage.in_thread(sizes)
+        total, used = await storage.in_thread(measure)
+        if total != row["physical_size"]:
+            await self.db.execute(
+                "UPDATE srs SET physical_size = ? WHERE uuid = ?", total, row["uuid"]
+            )
+        return total, used
+
+    async def to_json(self, row: Row) -> dict:
+        physical_size, used = await self.sizes(row)
         return {
             "uuid": row["uuid"],
             "ref": row["ref"],
@@ -83,3 +168,11 @@ class SrService:
             "physical_size": physical_size,
             "physical_utilisation": used,
         }
+
+
+def _write_marker(directory: Path, sr_uuid: str) -> None:
+    marker = directory / MARKER
+    tmp = marker.with_suffix(".tmp")
+    tmp.write_text(sr_uuid + "\n")
+    tmp.replace(marker)
+    storage.fsync_dir(directory)

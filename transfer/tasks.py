@@ -29,6 +29,7 @@ log = logging.getLogger("vdi_transfer.tasks")
 
 FINISHED = ("success", "failure", "cancelled")
 PROGRESS_WRITE_INTERVAL = 1.0
+CANCEL_POLL = 0.5  # seconds: how soon a cancel asked on another host stops a transfer here
 RESTARTED = ["INTERNAL_ERROR", "server restarted"]
 SHUTTING_DOWN = ["INTERNAL_ERROR", "server shutting down"]
 
@@ -45,6 +46,8 @@ class Transfer:
     progress: float = 0.0
     abort_error: list[str] | None = None  # why we cancelled it, if not the client's cancel
     resumable: bool = False  # an upload that may continue: a disconnect suspends it
+    cancel_sent: bool = False  # its asyncio task was cancelled once; never twice
+    written: tuple[int, float] = (0, 0.0)  # bytes and progress last written to the database
     written_at: float = field(default_factory=time.monotonic)
     started: float = field(default_factory=time.monotonic)
 
@@ -140,9 +143,38 @@ class TaskManager:
         ):
             event(log, "task.transition", task=task_uuid, status="cancelling", vdi=row["vdi"])
         transfer = self.running.get(task_uuid)
-        if transfer is not None and transfer.aio_task is not None:
-            transfer.aio_task.cancel()
+        if transfer is not None:
+            self._stop(transfer)
+        # A transfer on another host sees `cancelling` within CANCEL_POLL (watch_cancels).
         return await self.get(task_uuid)
+
+    @staticmethod
+    def _stop(transfer: Transfer) -> None:
+        if transfer.aio_task is not None and not transfer.cancel_sent:
+            transfer.cancel_sent = True
+            transfer.aio_task.cancel()
+
+    async def watch(self) -> None:
+        """Every CANCEL_POLL while transfers run here: progress that has not reached the
+        database yet (a stalled transfer reports nothing new) goes there, so every host
+        shows it; and transfers whose task was cancelled through another host stop (the
+        cancel reaches us through the database, as status `cancelling`)."""
+        if not self.running:
+            return
+        now = time.monotonic()
+        for transfer in list(self.running.values()):
+            stale = transfer.written != (transfer.bytes, transfer.progress)
+            if stale and now - transfer.written_at >= PROGRESS_WRITE_INTERVAL:
+                await self._write_progress(transfer)
+        rows = await self.db.fetchall(
+            "SELECT uuid FROM tasks WHERE host = ? AND running = 1 AND status = 'cancelling'",
+            self.host_uuid,
+        )
+        for row in rows:
+            transfer = self.running.get(row["uuid"])
+            if transfer is not None and not transfer.cancel_sent:
+                event(log, "task.cancel_seen", task=transfer.task, vdi=transfer.vdi)
+                self._stop(transfer)
 
     # -- transfers -------------------------------------------------------------------------
 
@@ -178,8 +210,8 @@ class TaskManager:
         event(log, "task.started", task=transfer.task, vdi=vdi, user=user)
         # A cancel that arrived before we were registered found nothing to stop: honour it.
         current = await self.db.fetchone("SELECT status FROM tasks WHERE uuid = ?", transfer.task)
-        if current and current["status"] == "cancelling" and transfer.aio_task is not None:
-            transfer.aio_task.cancel()
+        if current and current["status"] == "cancelling":
+            self._stop(transfer)
         return transfer
 
     async def set_vdi(self, transfer: Transfer, vdi: str) -> None:
@@ -191,15 +223,18 @@ class TaskManager:
         """Record progress; written through to the database at most once a second."""
         transfer.bytes = nbytes
         transfer.progress = max(0.0, min(1.0, progress))
-        now = time.monotonic()
-        if now - transfer.written_at >= PROGRESS_WRITE_INTERVAL:
-            transfer.written_at = now
-            await self.db.execute(
-                "UPDATE tasks SET progress = ?, bytes_transferred = ? WHERE uuid = ?",
-                transfer.progress,
-                transfer.bytes,
-                transfer.task,
-            )
+        if time.monotonic() - transfer.written_at >= PROGRESS_WRITE_INTERVAL:
+            await self._write_progress(transfer)
+
+    async def _write_progress(self, transfer: Transfer) -> None:
+        transfer.written_at = time.monotonic()
+        transfer.written = (transfer.bytes, transfer.progress)
+        await self.db.execute(
+            "UPDATE tasks SET progress = ?, bytes_transferred = ? WHERE uuid = ?",
+            transfer.progress,
+            transfer.bytes,
+            transfer.task,
+        )
 
     async def make_resumable(
         self, transfer: Transfer, fmt: str, chunked: bool, length: int | None
@@ -264,6 +299,18 @@ class TaskManager:
                 expired.append(row["uuid"])
                 event(log, "task.expired", task=row["uuid"])
         return expired
+
+    async def finished_among(self, task_uuids: list[str]) -> list[str]:
+        """Those of the tasks that are over (or gone): their upload will not continue."""
+        open_ = set()
+        for task_uuid in task_uuids:
+            row = await self.db.fetchone(
+                "SELECT 1 FROM tasks WHERE uuid = ? AND status IN ('pending', 'cancelling')",
+                task_uuid,
+            )
+            if row:
+                open_.add(task_uuid)
+        return [t for t in task_uuids if t not in open_]
 
     async def succeed(self, transfer: Transfer, result: str | None) -> None:
         transfer.progress = 1.0

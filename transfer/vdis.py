@@ -7,11 +7,11 @@ import errno
 import functools
 import time
 import uuid
-from collections import Counter
 from pathlib import Path
 
 from transfer import layers, storage
 from transfer.db import Database, Row
+from transfer.db.base import Executor
 from transfer.errors import ApiError, bad_request
 from transfer.ids import iso, new_ref
 from transfer.ids import new_uuid as new_uuid_str
@@ -22,6 +22,7 @@ MAX_NAME = 255
 MAX_VIRTUAL_SIZE = 2**63 - 2**20  # what an off_t holds; the filesystem may allow less
 VHD_MAX = 2040 << 30
 READER_GRACE = 5.0  # seconds a writer waits for exports that are finishing
+READER_POLL = 0.02  # how often it looks again
 
 
 def _vhd_now() -> int:
@@ -41,11 +42,10 @@ def _disk_uuid(path: Path, fmt: str, row: Row) -> bytes:
 
 
 class VdiService:
-    def __init__(self, db: Database, srs: SrService):
+    def __init__(self, db: Database, srs: SrService, heartbeat_interval: int):
         self.db = db
         self.srs = srs
-        # Exports running on this host, per VDI: a writer must wait until they are done.
-        self.readers: Counter[str] = Counter()
+        self.heartbeat_interval = heartbeat_interval  # a reader lease's host is live within 3x
 
     async def get(self, ident: str) -> Row:
         row = await self.db.fetchone(
@@ -63,6 +63,10 @@ class VdiService:
                 sr_row["uuid"],
             )
         return await self.db.fetchall("SELECT * FROM vdis WHERE hidden = 0 ORDER BY created, uuid")
+
+    async def owner(self, row: Row) -> str | None:
+        """The host that must serve this VDI, or None if this host can (transfer/pool.py)."""
+        return self.srs.owner(await self.srs.get(row["sr"]))
 
     async def path(self, row: Row) -> Path:
         sr = await self.srs.get(row["sr"])
@@ -142,6 +146,9 @@ class VdiService:
         await self.ensure_free(row)
         removed: list[Row] = []
         async with self.db.transaction() as tx:
+            await self._hold_row(tx, row["uuid"])
+            if await self._readers(tx, row["uuid"]):  # an export began since ensure_free
+                raise ApiError("VDI_IN_USE", f"VDI {row['uuid']} is being exported", row["uuid"])
             current: Row | None = row
             while current is not None:
                 if await tx.fetchone(
@@ -339,43 +346,85 @@ class VdiService:
                 row["locked_by"],
             )
 
-    async def wait_for_readers(self, vdi_uuid: str, timeout: float = READER_GRACE) -> None:
-        """Give exports of the VDI on this host a moment to finish: a client that has just
-        received the last byte of a download may ask to write or delete while the export
-        is still closing its files, and should not get VDI_IN_USE for it."""
+    async def _readers(self, db: Executor, vdi_uuid: str) -> int:
+        """Exports reading the VDI on live hosts of the pool (leases in vdi_readers)."""
+        row = await db.fetchone(
+            "SELECT COUNT(*) AS n FROM vdi_readers r JOIN hosts h ON h.uuid = r.host "
+            "WHERE r.vdi = ? AND (r.host = ? OR h.heartbeat > ?)",
+            vdi_uuid,
+            self.srs.host_uuid,
+            time.time() - 3 * self.heartbeat_interval,
+        )
+        return row["n"] if row else 0
+
+    async def _hold_row(self, tx: Executor, vdi_uuid: str) -> Row:
+        """Lock the VDI's row until the transaction ends (a no-op UPDATE takes the row lock
+        in PostgreSQL; SQLite's transaction is a write lock already) and read it afresh.
+        Readers and writers both start here, so a lease and a write lock never cross."""
+        await tx.execute("UPDATE vdis SET locked_by = locked_by WHERE uuid = ?", vdi_uuid)
+        row = await tx.fetchone("SELECT * FROM vdis WHERE uuid = ?", vdi_uuid)
+        if row is None:
+            raise ApiError("VDI_NOT_FOUND", f"no VDI {vdi_uuid}", vdi_uuid)
+        return row
+
+    async def add_reader(self, vdi_uuid: str) -> str:
+        """A read lease for an export: no writer on any host starts until it is dropped.
+        VDI_IN_USE if a writer holds the VDI now."""
+        lease = new_uuid_str()
+        async with self.db.transaction() as tx:
+            self.check_not_written(await self._hold_row(tx, vdi_uuid))
+            await tx.execute(
+                "INSERT INTO vdi_readers (id, vdi, host, started) VALUES (?, ?, ?, ?)",
+                lease,
+                vdi_uuid,
+                self.srs.host_uuid,
+                time.time(),
+            )
+        return lease
+
+    async def drop_reader(self, lease: str) -> None:
+        await self.db.execute("DELETE FROM vdi_readers WHERE id = ?", lease)
+
+    async def drop_readers_of_this_host(self) -> None:
+        """At start: leases left by exports this process ran before it died."""
+        await self.db.execute("DELETE FROM vdi_readers WHERE host = ?", self.srs.host_uuid)
+
+    async def wait_for_readers(self, vdi_uuid: str, timeout: float = READER_GRACE) -> bool:
+        """Give exports of the VDI a moment to finish: a client that has just received the
+        last byte of a download may ask to write or delete while the export is still
+        closing its files, and should not get VDI_IN_USE for it. True once none is left."""
         deadline = time.monotonic() + timeout
-        while self.readers[vdi_uuid] and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
+        while await self._readers(self.db, vdi_uuid):
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(READER_POLL)
+        return True
 
     async def ensure_free(self, row: Row) -> None:
-        """check_free, after letting exports that are finishing end."""
+        """VDI_IN_USE if a writer holds the VDI, or exports of it do not finish soon."""
         self.check_not_written(row)
-        await self.wait_for_readers(row["uuid"])
-        self.check_free(row)
-
-    def check_free(self, row: Row) -> None:
-        """VDI_IN_USE if a writer holds the VDI or an export here is reading it."""
-        self.check_not_written(row)
-        if self.readers[row["uuid"]]:
+        if not await self.wait_for_readers(row["uuid"]):
             raise ApiError("VDI_IN_USE", f"VDI {row['uuid']} is being exported", row["uuid"])
 
     async def lock(self, vdi_uuid: str, task_uuid: str) -> None:
-        """Take the VDI for one writer; VDI_IN_USE if another holds it or an export reads it.
-        The lock is a conditional UPDATE, so it holds across processes; it also bumps the
-        generation, so ETags of the old content stop matching."""
-        changed = await self.db.execute(
-            "UPDATE vdis SET locked_by = ?, generation = generation + 1 "
-            "WHERE uuid = ? AND locked_by IS NULL",
-            task_uuid,
-            vdi_uuid,
-        )
-        if not changed:
-            self.check_free(await self.get(vdi_uuid))
-            raise ApiError("VDI_IN_USE", f"VDI {vdi_uuid} is in use", vdi_uuid)
-        await self.wait_for_readers(vdi_uuid)
-        if self.readers[vdi_uuid]:
-            await self.unlock(vdi_uuid, task_uuid)
-            raise ApiError("VDI_IN_USE", f"VDI {vdi_uuid} is being exported", vdi_uuid)
+        """Take the VDI for one writer, on whichever host: the lock is the row's locked_by,
+        taken under the row lock after checking for read leases. VDI_IN_USE if another
+        writer holds it, or exports of it do not finish within the grace period. Taking it
+        bumps the generation, so ETags of the old content stop matching."""
+        deadline = time.monotonic() + READER_GRACE
+        while True:
+            async with self.db.transaction() as tx:
+                self.check_not_written(await self._hold_row(tx, vdi_uuid))
+                if not await self._readers(tx, vdi_uuid):
+                    await tx.execute(
+                        "UPDATE vdis SET locked_by = ?, generation = generation + 1 WHERE uuid = ?",
+                        task_uuid,
+                        vdi_uuid,
+                    )
+                    return
+            if time.monotonic() >= deadline:
+                raise ApiError("VDI_IN_USE", f"VDI {vdi_uuid} is being exported", vdi_uuid)
+            await asyncio.sleep(READER_POLL)
 
     async def bump_generation(self, vdi_uuid: str) -> None:
         """The content changed: strong ETags of the old content must not match any more."""
@@ -404,15 +453,26 @@ class VdiService:
             )
         return chain
 
+    async def usage(self, row: Row) -> int:
+        """Bytes the VDI's file occupies. Measured by a host that can see the file, which
+        records it for the hosts that cannot (a VDI on another host's local SR)."""
+        if await self.owner(row) is not None:
+            return row["physical_utilisation"] or 0
+        used = await storage.in_thread(storage.allocated_bytes, await self.path(row))
+        if used != row["physical_utilisation"]:
+            await self.db.execute(
+                "UPDATE vdis SET physical_utilisation = ? WHERE uuid = ?", used, row["uuid"]
+            )
+        return used
+
     async def to_json(self, row: Row) -> dict:
-        path = await self.path(row)
         return {
             "uuid": row["uuid"],
             "ref": row["ref"],
             "name_label": row["name_label"],
             "sr": row["sr"],
             "virtual_size": row["virtual_size"],
-            "physical_utilisation": await storage.in_thread(storage.allocated_bytes, path),
+            "physical_utilisation": await self.usage(row),
             "image_format": row["image_format"],
             "read_only": bool(row["read_only"]),
             "is_a_snapshot": bool(row["is_a_snapshot"]),

@@ -105,6 +105,25 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             "CREATE TABLE pool_settings (name TEXT PRIMARY KEY, value TEXT NOT NULL)",
         ],
     ),
+    (
+        5,
+        [
+            # Exports reading a VDI, on any host: a writer on another host of the pool
+            # must wait for them (the writer's own lock is vdis.locked_by). A lease of a
+            # host without a heartbeat no longer counts; a host drops its own at start.
+            """CREATE TABLE vdi_readers (
+                id TEXT PRIMARY KEY,
+                vdi TEXT NOT NULL,
+                host TEXT NOT NULL,
+                started DOUBLE PRECISION NOT NULL)""",
+            "CREATE INDEX vdi_readers_vdi ON vdi_readers(vdi)",
+            # What the owning host last measured, for hosts that cannot see its disks.
+            "ALTER TABLE vdis ADD COLUMN physical_utilisation BIGINT",
+            "ALTER TABLE srs ADD COLUMN physical_size BIGINT",
+            # Each host looks for cancels of the transfers it runs.
+            "CREATE INDEX tasks_host ON tasks(host, running)",
+        ],
+    ),
 ]
 
 

@@ -14,9 +14,9 @@ from pathlib import Path
 
 from aiohttp import web
 
-from auth.middleware import PRINCIPAL, requires
+from auth.middleware import PRINCIPAL, accepts_ticket, requires
 from formats.driver import DATA
-from transfer import deltas, exports, imports, layers, resume, storage
+from transfer import deltas, exports, imports, layers, pool, resume, storage
 from transfer.errors import ApiError, bad_request
 from transfer.handlers.common import json_response
 from transfer.logs import LOG_FIELDS
@@ -66,6 +66,7 @@ INTEROP_VERSIONS = ("9",)  # Upload-Draft-Interop-Version values we answer with 
 
 
 @requires("operator")
+@accepts_ticket("import")
 async def import_raw_vdi(request: web.Request) -> web.StreamResponse:
     params = imports.ImportParams(
         vdi=param(request, "vdi"),
@@ -88,6 +89,9 @@ async def _import(request: web.Request, params: imports.ImportParams) -> web.Str
     svc = services(request)
     log_fields = request[LOG_FIELDS]
     length = _content_length(request)
+    where = await imports.placement(svc, params)
+    if where is not None:
+        await pool.route(request, "import", *where)
     plan = await imports.plan(svc, params, length)
     log_fields["vdi"] = plan.target_uuid
     if length == 0 and params.complete and not params.content_range:
@@ -133,6 +137,7 @@ async def _import(request: web.Request, params: imports.ImportParams) -> web.Str
         await imports.abandon(svc, job, exc)
         raise
     log_fields["bytes_in"] = received
+    await svc.vdis.usage(await svc.vdis.get(job.vdi["uuid"]))  # for the pool's other hosts
     if not plan.params.complete:
         return web.Response(
             status=204, headers={**headers, "Upload-Offset": str(received), "Upload-Complete": "?0"}
@@ -197,6 +202,7 @@ async def upload_resource_status(request: web.Request) -> web.Response:
 
 
 @requires("operator")
+@accepts_ticket("import")
 async def upload_append(request: web.Request) -> web.StreamResponse:
     """PATCH /uploads/{task} with application/partial-upload: append at Upload-Offset."""
     task = await _upload_task(request)
@@ -280,6 +286,7 @@ async def upload_status(request: web.Request) -> web.Response:
 
 
 @requires("reader")
+@accepts_ticket("export")
 async def export_raw_vdi(request: web.Request) -> web.StreamResponse:
     svc = services(request)
     vdi_ident = param(request, "vdi")
@@ -287,9 +294,11 @@ async def export_raw_vdi(request: web.Request) -> web.StreamResponse:
         raise bad_request("give vdi= (the VDI to export)")
     fmt = exports.parse_format(param(request, "format"))
     chunked = flag(request, "chunked")
-    vdi_uuid = (await svc.vdis.get(vdi_ident))["uuid"]
+    vdi = await svc.vdis.get(vdi_ident)
+    vdi_uuid = vdi["uuid"]
     request[LOG_FIELDS]["vdi"] = vdi_uuid
-    svc.vdis.readers[vdi_uuid] += 1  # no writer may start while we lay out or send
+    await pool.route(request, "export", vdi_uuid, await svc.vdis.owner(vdi))
+    lease = await svc.vdis.add_reader(vdi_uuid)  # no writer starts while we lay out or send
     try:
         plan = await exports.plan(svc, vdi_uuid, fmt, chunked, param(request, "base"))
         try:
@@ -297,9 +306,7 @@ async def export_raw_vdi(request: web.Request) -> web.StreamResponse:
         finally:
             await asyncio.shield(plan.close())
     finally:
-        svc.vdis.readers[vdi_uuid] -= 1
-        if not svc.vdis.readers[vdi_uuid]:
-            del svc.vdis.readers[vdi_uuid]
+        await asyncio.shield(svc.vdis.drop_reader(lease))
 
 
 async def _send_export(request: web.Request, plan: exports.ExportPlan) -> web.StreamResponse:
@@ -377,11 +384,13 @@ def _abort(request: web.Request) -> None:
 
 @routes.get("/vdis/{uuid}/extents")
 @requires("reader")
+@accepts_ticket("extents")
 async def extents(request: web.Request) -> web.Response:
     """[{start, length, zero}] covering the whole disk: data runs and holes."""
     svc = services(request)
     vdi = await svc.vdis.get(request.match_info["uuid"])
     request[LOG_FIELDS]["vdi"] = vdi["uuid"]
+    await pool.route(request, "extents", vdi["uuid"], await svc.vdis.owner(vdi))
     if request.query.get("base"):
         # The difference from an older snapshot: the changed runs only.
         base = await svc.vdis.get(request.query["base"])
