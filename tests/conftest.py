@@ -112,10 +112,11 @@ def free_port(host: str = "127.0.0.1") -> int:
 class ServerProcess:
     """`vdi-transfer serve` as a user runs it, on a loopback port, with its own state dir."""
 
-    def __init__(self, state_dir: Path, env: dict[str, str] | None = None):
+    def __init__(self, state_dir: Path, env: dict[str, str] | None = None, host: str = "127.0.0.1"):
         self.state_dir = state_dir
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.host = host
+        self.port = free_port(host)
+        self.url = f"http://{host}:{self.port}"
         self.log_path = state_dir.parent / f"server-{self.port}.log"
         self.extra_env = env or {}
         self.proc: subprocess.Popen | None = None
@@ -129,6 +130,8 @@ class ServerProcess:
                 "-m",
                 "transfer",
                 "serve",
+                "--host",
+                self.host,
                 "--port",
                 str(self.port),
                 "--state-dir",

@@ -77,3 +77,12 @@ def test_images_type_mapping(tmp_path):
     assert cfg.images_type == "vhd"
     with pytest.raises(ConfigError, match="images_type: 'tar'"):
         load({}, env={"VDIT_IMAGES_TYPE": "tar"})
+
+
+def test_the_deploy_examples_load():
+    """The config files deploy/ ships are valid for this version."""
+    root = Path(__file__).resolve().parent.parent / "deploy"
+    single = load({"config": str(root / "config.example.toml")}, env={})
+    assert single.advertise == "http://vdit1.example:8080"
+    pool = load({"config": str(root / "pool" / "host.example.toml")}, env={})
+    assert pool.database.startswith("postgresql://") and pool.advertise == "https://vdit1.example"
