@@ -84,17 +84,33 @@ class SessionSigner:
 
     def verify(self, token: str) -> Session:
         """The session a token stands for; SESSION_INVALID if forged, malformed or expired."""
-        try:
-            claims = jwt.decode(
-                token,
-                self._secret,
-                algorithms=[ALGORITHM],
-                options={"require": ["exp", "iat", "sub", "jti", "typ"]},
-            )
-        except jwt.ExpiredSignatureError:
-            raise ApiError("SESSION_INVALID", "the session has expired") from None
-        except jwt.InvalidTokenError:
-            raise ApiError("SESSION_INVALID", "the session id is not valid") from None
-        if claims["typ"] != "session" or not isinstance(claims["sub"], str):
-            raise ApiError("SESSION_INVALID", "the session id is not valid")
+        claims = decode(
+            token,
+            self._secret,
+            "session",
+            ("sub", "jti"),
+            expired="the session has expired",
+            invalid="the session id is not valid",
+        )
         return Session(token, str(claims["jti"]), claims["sub"], float(claims["exp"]))
+
+
+def decode(
+    token: str, secret: bytes, typ: str, strings: tuple[str, ...], *, expired: str, invalid: str
+) -> dict:
+    """The claims of an HS256 token of type `typ` whose `strings` claims are strings;
+    SESSION_INVALID (with `expired` or `invalid` as message) otherwise."""
+    try:
+        claims = jwt.decode(
+            token,
+            secret,
+            algorithms=[ALGORITHM],
+            options={"require": ["exp", "iat", "typ", *strings]},
+        )
+    except jwt.ExpiredSignatureError:
+        raise ApiError("SESSION_INVALID", expired) from None
+    except jwt.InvalidTokenError:
+        raise ApiError("SESSION_INVALID", invalid) from None
+    if claims["typ"] != typ or not all(isinstance(claims[k], str) for k in strings):
+        raise ApiError("SESSION_INVALID", invalid)
+    return claims

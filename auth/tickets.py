@@ -16,8 +16,7 @@ from dataclasses import dataclass
 
 import jwt
 
-from auth.sessions import ALGORITHM
-from transfer.errors import ApiError
+from auth.sessions import ALGORITHM, decode
 
 TICKET_TTL = 60  # seconds: long enough to follow a redirect, short enough not to matter
 
@@ -53,23 +52,14 @@ class TicketSigner:
 
     def verify(self, token: str) -> Ticket:
         """The ticket a token stands for; SESSION_INVALID if forged, malformed or expired."""
-        try:
-            claims = jwt.decode(
-                token,
-                self._secret,
-                algorithms=[ALGORITHM],
-                options={"require": ["exp", "iat", "sub", "op", "obj", "typ"]},
-            )
-        except jwt.ExpiredSignatureError:
-            raise ApiError(
-                "SESSION_INVALID", "the ticket has expired: ask the first host again"
-            ) from None
-        except jwt.InvalidTokenError:
-            raise ApiError("SESSION_INVALID", "the ticket is not valid") from None
-        if claims["typ"] != "ticket" or not all(
-            isinstance(claims[k], str) for k in ("sub", "op", "obj")
-        ):
-            raise ApiError("SESSION_INVALID", "the ticket is not valid")
+        claims = decode(
+            token,
+            self._secret,
+            "ticket",
+            ("sub", "op", "obj"),
+            expired="the ticket has expired: ask the first host again",
+            invalid="the ticket is not valid",
+        )
         sid = claims.get("sid")
         return Ticket(
             claims["sub"],
