@@ -60,8 +60,9 @@ async def route(request: web.Request, operation: str, target: str, owner: str | 
     base = host["address"].rstrip("/")
     location = f"{base}{request.rel_url.raw_path}?{_query(request, ticket)}"
     request[LOG_FIELDS]["redirect"] = owner
-    # curl and browsers turn a POST into a GET on 302; 307 keeps the method and the body.
-    raise Redirect(location, owner, status=307 if request.method == "POST" else 302)
+    # 302, as the contract says, whatever the method: curl -L keeps GET, HEAD, PUT and
+    # DELETE across it, and POST with -X POST or --post302 (README, "Pools").
+    raise Redirect(location, owner)
 
 
 def _query(request: web.Request, ticket: str) -> str:
