@@ -38,12 +38,13 @@ How the decoder reads a stream, and what it accepts:
 from __future__ import annotations
 
 import bisect
+import itertools
 import re
 import struct
 import sys
 from array import array
 from collections import namedtuple
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from formats.errors import FormatError
@@ -148,6 +149,41 @@ class DynamicHeader:
     parent_uuid: bytes
     parent_timestamp: int
     parent_name: str  # informational only: never opened or followed
+
+
+def check_block_placement(
+    keys: Sequence[int], stride: int, metadata: tuple[tuple[int, int, str], ...], where: str = ""
+) -> int:
+    """FormatError unless every allocated block lies clear of the metadata regions
+    (lo, hi, name) and of every other block. `keys` are (sector << 32 | BAT index), sorted;
+    a block takes `stride` bytes (bitmap and data). Returns how many blocks start before
+    the metadata ends: only those can touch it."""
+    prefix = f"{where}: " if where else ""
+    metadata_end = max(hi for _, hi, _ in metadata)
+    early = bisect.bisect_left(keys, -(-metadata_end // SECTOR) << 32)
+    for key in keys[:early]:
+        start = (key >> 32) * SECTOR
+        for lo, hi, what in metadata:
+            if start < hi and lo < start + stride:
+                raise FormatError(
+                    f"{prefix}BAT entry {key & UNALLOCATED} points to offset {start}, inside "
+                    f"{what} ({lo}-{hi})"
+                )
+    sectors = array("Q", (key >> 32 for key in keys))  # 8 bytes a block, not an int object
+    if len(sectors) > 1 and min(map(int.__sub__, sectors[1:], sectors[:-1])) < stride // SECTOR:
+        for a, b in itertools.pairwise(keys):
+            if (b >> 32) - (a >> 32) < stride // SECTOR:
+                at, bt = (a >> 32) * SECTOR, (b >> 32) * SECTOR
+                ia, ib = a & UNALLOCATED, b & UNALLOCATED
+                if at == bt:
+                    raise FormatError(
+                        f"{prefix}BAT entries {ia} and {ib} both point to offset {at}"
+                    )
+                raise FormatError(
+                    f"{prefix}blocks {ia} (offset {at}) and {ib} (offset {bt}) overlap: a "
+                    f"block takes {stride} bytes"
+                )
+    return early
 
 
 def parse_footer(raw: bytes, where: str) -> VhdFooter:
@@ -435,28 +471,8 @@ class VhdDecoder:
             (header_at, header_at + HEADER_SIZE, "the dynamic header"),
             (table_at, self._bat_region_end, "the BAT"),
         )
-        # Only blocks starting before the end of the BAT can touch the metadata.
-        early = bisect.bisect_left(keys, -(-self._bat_region_end // SECTOR) << 32)
-        for key in keys[:early]:
-            start = (key >> 32) * SECTOR
-            for lo, hi, what in metadata:
-                if start < hi and lo < start + stride:
-                    raise FormatError(
-                        f"BAT entry {key & UNALLOCATED} points to offset {start}, inside "
-                        f"{what} ({lo}-{hi})"
-                    )
-        previous = None
-        for key in keys:
-            if previous is not None and (key >> 32) - (previous >> 32) < stride // SECTOR:
-                a, b = previous & UNALLOCATED, key & UNALLOCATED
-                at = (previous >> 32) * SECTOR
-                if key >> 32 == previous >> 32:
-                    raise FormatError(f"BAT entries {a} and {b} both point to offset {at}")
-                raise FormatError(
-                    f"blocks {a} (offset {at}) and {b} (offset {(key >> 32) * SECTOR}) "
-                    f"overlap: a block takes {stride} bytes"
-                )
-            previous = key
+        # The BAT ends the metadata (the header comes before it in the stream).
+        early = check_block_placement(keys, stride, metadata)
         if keys:
             self._check_fits((keys[-1] >> 32) * SECTOR + stride, f"block {keys[-1] & UNALLOCATED}")
         self._content_end = max(

@@ -75,6 +75,7 @@ from formats.vhd import (
     VhdFooter,
     build_dynamic_header,
     build_footer,
+    check_block_placement,
     check_new_disk,
     parse_dynamic_header,
     parse_footer,
@@ -832,28 +833,5 @@ def _check_blocks(
             f"{name}: BAT entry {last & UNALLOCATED} points to a block at "
             f"{(last >> 32) * SECTOR}-{last_end}, past the end footer at {footer_at}"
         )
-    metadata_end = max(hi for _, hi, _ in metadata)
-    early = bisect.bisect_left(keys, -(-metadata_end // SECTOR) << 32)
-    for key in keys[:early]:
-        start = (key >> 32) * SECTOR
-        for lo, hi, what in metadata:
-            if start < hi and lo < start + stride:
-                raise FormatError(
-                    f"{name}: BAT entry {key & UNALLOCATED} points to offset {start}, inside "
-                    f"{what} ({lo}-{hi})"
-                )
-    sectors = [key >> 32 for key in keys]
-    if len(sectors) > 1 and min(map(int.__sub__, sectors[1:], sectors[:-1])) < stride // SECTOR:
-        for a, b in itertools.pairwise(keys):
-            if (b >> 32) - (a >> 32) < stride // SECTOR:
-                at, bt = (a >> 32) * SECTOR, (b >> 32) * SECTOR
-                ia, ib = a & UNALLOCATED, b & UNALLOCATED
-                if at == bt:
-                    raise FormatError(
-                        f"{name}: BAT entries {ia} and {ib} both point to offset {at}"
-                    )
-                raise FormatError(
-                    f"{name}: blocks {ia} (offset {at}) and {ib} (offset {bt}) overlap: a "
-                    f"block takes {stride} bytes"
-                )
+    check_block_placement(keys, stride, metadata, name)
     return last_end
