@@ -126,7 +126,7 @@ async def open_services(config: Config) -> Services:
         db=db,
         hosts=hosts,
         srs=srs,
-        vdis=VdiService(db, srs, config.heartbeat_interval),
+        vdis=VdiService(db, srs, hosts),
         tasks=TaskManager(db, host_uuid, config.task_ttl),
         users=user_store,
         auth=Authenticator(db, user_store, signer),
@@ -162,7 +162,8 @@ def create_app(config: Config) -> web.Application:
         svc = await open_services(config)
         app[SERVICES] = svc
         await svc.hosts.register(config.name_label, config.advertise)
-        await svc.srs.ensure_local_sr()
+        local_sr = await svc.srs.ensure_local_sr()
+        await svc.srs.record_physical_size(local_sr)  # for the other hosts of a pool
         for sr in await svc.srs.unreachable_shared():
             event(
                 log,

@@ -6,7 +6,6 @@ import argparse
 import asyncio
 import getpass
 import sys
-import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -156,7 +155,7 @@ def _host(args: argparse.Namespace, config: Config) -> int:
         print("uuid\tname_label\taddress\tlive\tlast_heartbeat")
         for row in await svc.hosts.list():
             info = svc.hosts.to_json(row)
-            live = time.time() - row["heartbeat"] < 3 * svc.hosts.heartbeat_interval
+            live = row["heartbeat"] > svc.hosts.heard_since()  # this CLI is no host
             print(
                 f"{info['uuid']}\t{info['name_label']}\t{info['address']}\t{live}"
                 f"\t{info['last_heartbeat']}"

@@ -11,6 +11,7 @@ from transfer.errors import ApiError
 from transfer.ids import iso
 
 HOST_UUID_FILE = "host-uuid"
+MISSED_HEARTBEATS = 3  # a host that missed this many heartbeats is offline
 
 
 def load_or_create_host_uuid(state_dir: Path) -> str:
@@ -60,10 +61,13 @@ class HostService:
             "UPDATE hosts SET heartbeat = ? WHERE uuid = ?", time.time(), self.uuid
         )
 
+    def heard_since(self) -> float:
+        """A host whose last heartbeat is later than this is live (it missed fewer than
+        MISSED_HEARTBEATS); the one rule for /hosts, redirects and read leases."""
+        return time.time() - MISSED_HEARTBEATS * self.heartbeat_interval
+
     def is_live(self, row: Row) -> bool:
-        return (
-            row["uuid"] == self.uuid or time.time() - row["heartbeat"] < 3 * self.heartbeat_interval
-        )
+        return row["uuid"] == self.uuid or row["heartbeat"] > self.heard_since()
 
     async def list(self) -> list[Row]:
         return await self.db.fetchall("SELECT * FROM hosts ORDER BY created, uuid")

@@ -32,21 +32,8 @@ class SrService:
         if row is None:
             sr_uuid = new_uuid()
             path = (self.state_dir / "srs" / sr_uuid).resolve()
-            await self.db.execute(
-                "INSERT INTO srs (uuid, ref, name_label, type, shared, host, path, "
-                "supported_image_formats, default_image_format, created) "
-                "VALUES (?, ?, ?, 'local', 0, ?, ?, ?, 'raw', ?)",
-                sr_uuid,
-                new_ref(),
-                LOCAL_SR_NAME,
-                self.host_uuid,
-                str(path),
-                ",".join(IMAGE_FORMATS),
-                time.time(),
-            )
-            row = await self.get(sr_uuid)
+            row = await self._insert(sr_uuid, LOCAL_SR_NAME, path, False, IMAGE_FORMATS, "raw")
         await storage.in_thread(storage.ensure_sr_dir, Path(row["path"]))
-        await self.sizes(row)  # recorded for the other hosts of a pool
         return row
 
     async def create(
@@ -77,13 +64,27 @@ class SrService:
         sr_uuid = new_uuid()
         await storage.in_thread(storage.ensure_sr_dir, path)
         await storage.in_thread(_write_marker, path, sr_uuid)
+        name = name_label or ("Shared storage" if shared else LOCAL_SR_NAME)
+        row = await self._insert(sr_uuid, name, path, shared, formats, default_format)
+        await self.record_physical_size(row)
+        return row
+
+    async def _insert(
+        self,
+        sr_uuid: str,
+        name_label: str,
+        path: Path,
+        shared: bool,
+        formats: list[str] | tuple[str, ...],
+        default_format: str,
+    ) -> Row:
         await self.db.execute(
             "INSERT INTO srs (uuid, ref, name_label, type, shared, host, path, "
             "supported_image_formats, default_image_format, created) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             sr_uuid,
             new_ref(),
-            name_label or ("Shared storage" if shared else LOCAL_SR_NAME),
+            name_label,
             "shared" if shared else "local",
             int(shared),
             None if shared else self.host_uuid,
@@ -92,9 +93,17 @@ class SrService:
             default_format,
             time.time(),
         )
-        row = await self.get(sr_uuid)
-        await self.sizes(row)
-        return row
+        return await self.get(sr_uuid)
+
+    async def record_physical_size(self, row: Row) -> int:
+        """The size of the SR's filesystem, measured here and recorded for the hosts of the
+        pool that cannot see the directory."""
+        total, _ = await storage.in_thread(storage.filesystem_size, Path(row["path"]))
+        if total != row["physical_size"]:
+            await self.db.execute(
+                "UPDATE srs SET physical_size = ? WHERE uuid = ?", total, row["uuid"]
+            )
+        return total
 
     async def unreachable_shared(self) -> list[Row]:
         """Shared SRs this host cannot see (not mounted, or another SR's directory)."""
@@ -143,16 +152,10 @@ class SrService:
         path = Path(row["path"])
         files = await self.db.fetchall("SELECT path FROM vdis WHERE sr = ?", row["uuid"])
 
-        def measure() -> tuple[int, int]:
-            total, _ = storage.filesystem_size(path)
-            return total, sum(storage.allocated_bytes(path / f["path"]) for f in files)
+        def used() -> int:
+            return sum(storage.allocated_bytes(path / f["path"]) for f in files)
 
-        total, used = await storage.in_thread(measure)
-        if total != row["physical_size"]:
-            await self.db.execute(
-                "UPDATE srs SET physical_size = ? WHERE uuid = ?", total, row["uuid"]
-            )
-        return total, used
+        return await self.record_physical_size(row), await storage.in_thread(used)
 
     async def to_json(self, row: Row) -> dict:
         physical_size, used = await self.sizes(row)

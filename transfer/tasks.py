@@ -145,7 +145,7 @@ class TaskManager:
         transfer = self.running.get(task_uuid)
         if transfer is not None:
             self._stop(transfer)
-        # A transfer on another host sees `cancelling` within CANCEL_POLL (watch_cancels).
+        # A transfer on another host sees `cancelling` within CANCEL_POLL (`watch`).
         return await self.get(task_uuid)
 
     @staticmethod
@@ -302,15 +302,8 @@ class TaskManager:
 
     async def finished_among(self, task_uuids: list[str]) -> list[str]:
         """Those of the tasks that are over (or gone): their upload will not continue."""
-        open_ = set()
-        for task_uuid in task_uuids:
-            row = await self.db.fetchone(
-                "SELECT 1 FROM tasks WHERE uuid = ? AND status IN ('pending', 'cancelling')",
-                task_uuid,
-            )
-            if row:
-                open_.add(task_uuid)
-        return [t for t in task_uuids if t not in open_]
+        sql = "SELECT 1 FROM tasks WHERE uuid = ? AND status IN ('pending', 'cancelling')"
+        return [t for t in task_uuids if not await self.db.fetchone(sql, t)]
 
     async def succeed(self, transfer: Transfer, result: str | None) -> None:
         transfer.progress = 1.0

@@ -13,6 +13,7 @@ from transfer import layers, storage
 from transfer.db import Database, Row
 from transfer.db.base import Executor
 from transfer.errors import ApiError, bad_request
+from transfer.hosts import HostService
 from transfer.ids import iso, new_ref
 from transfer.ids import new_uuid as new_uuid_str
 from transfer.sizes import round_to_sector
@@ -41,11 +42,15 @@ def _disk_uuid(path: Path, fmt: str, row: Row) -> bytes:
     return footer[68:84]
 
 
+def _being_exported(vdi_uuid: str) -> ApiError:
+    return ApiError("VDI_IN_USE", f"VDI {vdi_uuid} is being exported", vdi_uuid)
+
+
 class VdiService:
-    def __init__(self, db: Database, srs: SrService, heartbeat_interval: int):
+    def __init__(self, db: Database, srs: SrService, hosts: HostService):
         self.db = db
         self.srs = srs
-        self.heartbeat_interval = heartbeat_interval  # a reader lease's host is live within 3x
+        self.hosts = hosts  # a read lease counts while its host is live
 
     async def get(self, ident: str) -> Row:
         row = await self.db.fetchone(
@@ -148,7 +153,7 @@ class VdiService:
         async with self.db.transaction() as tx:
             await self._hold_row(tx, row["uuid"])
             if await self._readers(tx, row["uuid"]):  # an export began since ensure_free
-                raise ApiError("VDI_IN_USE", f"VDI {row['uuid']} is being exported", row["uuid"])
+                raise _being_exported(row["uuid"])
             current: Row | None = row
             while current is not None:
                 if await tx.fetchone(
@@ -352,8 +357,8 @@ class VdiService:
             "SELECT COUNT(*) AS n FROM vdi_readers r JOIN hosts h ON h.uuid = r.host "
             "WHERE r.vdi = ? AND (r.host = ? OR h.heartbeat > ?)",
             vdi_uuid,
-            self.srs.host_uuid,
-            time.time() - 3 * self.heartbeat_interval,
+            self.hosts.uuid,
+            self.hosts.heard_since(),
         )
         return row["n"] if row else 0
 
@@ -377,7 +382,7 @@ class VdiService:
                 "INSERT INTO vdi_readers (id, vdi, host, started) VALUES (?, ?, ?, ?)",
                 lease,
                 vdi_uuid,
-                self.srs.host_uuid,
+                self.hosts.uuid,
                 time.time(),
             )
         return lease
@@ -387,7 +392,7 @@ class VdiService:
 
     async def drop_readers_of_this_host(self) -> None:
         """At start: leases left by exports this process ran before it died."""
-        await self.db.execute("DELETE FROM vdi_readers WHERE host = ?", self.srs.host_uuid)
+        await self.db.execute("DELETE FROM vdi_readers WHERE host = ?", self.hosts.uuid)
 
     async def wait_for_readers(self, vdi_uuid: str, timeout: float = READER_GRACE) -> bool:
         """Give exports of the VDI a moment to finish: a client that has just received the
@@ -404,7 +409,7 @@ class VdiService:
         """VDI_IN_USE if a writer holds the VDI, or exports of it do not finish soon."""
         self.check_not_written(row)
         if not await self.wait_for_readers(row["uuid"]):
-            raise ApiError("VDI_IN_USE", f"VDI {row['uuid']} is being exported", row["uuid"])
+            raise _being_exported(row["uuid"])
 
     async def lock(self, vdi_uuid: str, task_uuid: str) -> None:
         """Take the VDI for one writer, on whichever host: the lock is the row's locked_by,
@@ -423,7 +428,7 @@ class VdiService:
                     )
                     return
             if time.monotonic() >= deadline:
-                raise ApiError("VDI_IN_USE", f"VDI {vdi_uuid} is being exported", vdi_uuid)
+                raise _being_exported(vdi_uuid)
             await asyncio.sleep(READER_POLL)
 
     async def bump_generation(self, vdi_uuid: str) -> None:
@@ -456,9 +461,10 @@ class VdiService:
     async def usage(self, row: Row) -> int:
         """Bytes the VDI's file occupies. Measured by a host that can see the file, which
         records it for the hosts that cannot (a VDI on another host's local SR)."""
-        if await self.owner(row) is not None:
+        sr = await self.srs.get(row["sr"])
+        if self.srs.owner(sr) is not None:
             return row["physical_utilisation"] or 0
-        used = await storage.in_thread(storage.allocated_bytes, await self.path(row))
+        used = await storage.in_thread(storage.allocated_bytes, Path(sr["path"]) / row["path"])
         if used != row["physical_utilisation"]:
             await self.db.execute(
                 "UPDATE vdis SET physical_utilisation = ? WHERE uuid = ?", used, row["uuid"]
