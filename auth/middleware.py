@@ -24,12 +24,11 @@ from aiohttp import web
 
 from auth.passwords import DUMMY_HASH, verify_password
 from auth.roles import allows
-from auth.sessions import SessionSigner
+from auth.sessions import RevokedSessions, SessionSigner
 from auth.tickets import Ticket, TicketSigner
 from auth.users import UserStore
-from transfer.db import Database
-from transfer.errors import ApiError
-from transfer.logs import LOG_FIELDS
+from common.errors import ApiError
+from common.logfields import LOG_FIELDS
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 REALM = 'Basic realm="vdi-transfer"'
@@ -105,8 +104,8 @@ class _VerifiedCache:
 
 
 class Authenticator:
-    def __init__(self, db: Database, users: UserStore, signer: SessionSigner):
-        self.db = db
+    def __init__(self, revoked: RevokedSessions, users: UserStore, signer: SessionSigner):
+        self.revoked = revoked
         self.users = users
         self.signer = signer
         self.tickets = TicketSigner(signer.secret)
@@ -127,7 +126,7 @@ class Authenticator:
 
     async def check_session(self, token: str) -> Principal:
         session = self.signer.verify(token)
-        if await self.db.fetchone("SELECT 1 FROM revoked_sessions WHERE jti = ?", session.jti):
+        if await self.revoked.contains(session.jti):
             raise ApiError("SESSION_INVALID", "the session has been logged out")
         user = await self.users.get(session.username)
         if user is None:
@@ -136,12 +135,7 @@ class Authenticator:
 
     async def revoke(self, token: str) -> None:
         session = self.signer.verify(token)
-        await self.db.execute(
-            "INSERT INTO revoked_sessions (jti, expires) VALUES (?, ?) "
-            "ON CONFLICT (jti) DO NOTHING",
-            session.jti,
-            session.expires,
-        )
+        await self.revoked.add(session.jti, session.expires)
 
     async def check_ticket(self, token: str, operation: str | None) -> Principal:
         ticket = self.tickets.verify(token)
@@ -151,9 +145,7 @@ class Authenticator:
             raise ApiError(
                 "SESSION_INVALID", f"the ticket was issued for {ticket.operation}, not {operation}"
             )
-        if ticket.session and await self.db.fetchone(
-            "SELECT 1 FROM revoked_sessions WHERE jti = ?", ticket.session
-        ):
+        if ticket.session and await self.revoked.contains(ticket.session):
             raise ApiError("SESSION_INVALID", "the session of this ticket has been logged out")
         user = await self.users.get(ticket.username)
         if user is None:

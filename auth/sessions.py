@@ -17,7 +17,8 @@ from pathlib import Path
 
 import jwt
 
-from transfer.errors import ApiError
+from common.db import Database
+from common.errors import ApiError
 
 ALGORITHM = "HS256"
 SECRET_FILE = "pool-secret"
@@ -45,7 +46,7 @@ def load_or_create_secret(state_dir: Path) -> bytes:
     return secret
 
 
-async def load_or_create_pool_secret(db) -> bytes:
+async def load_or_create_pool_secret(db: Database) -> bytes:
     """The signing key of a pool, kept in the database all its hosts share, so a session
     from any host is valid on every host. Created by whichever host asks first."""
     await db.execute(
@@ -55,6 +56,31 @@ async def load_or_create_pool_secret(db) -> bytes:
     )
     row = await db.fetchone("SELECT value FROM pool_settings WHERE name = 'session_secret'")
     return bytes.fromhex(row["value"])
+
+
+class RevokedSessions:
+    """The ids of sessions logged out before they expire: checked on every use of a session
+    (or of a ticket issued under one), forgotten once the session would have expired."""
+
+    def __init__(self, db: Database):
+        self.db = db
+
+    async def contains(self, jti: str) -> bool:
+        return (
+            await self.db.fetchone("SELECT 1 FROM revoked_sessions WHERE jti = ?", jti) is not None
+        )
+
+    async def add(self, jti: str, expires: float) -> None:
+        await self.db.execute(
+            "INSERT INTO revoked_sessions (jti, expires) VALUES (?, ?) "
+            "ON CONFLICT (jti) DO NOTHING",
+            jti,
+            expires,
+        )
+
+    async def forget_expired(self, now: float) -> int:
+        """Entries of sessions that have expired anyway; returns how many went."""
+        return await self.db.execute("DELETE FROM revoked_sessions WHERE expires < ?", now)
 
 
 @dataclass(frozen=True)

@@ -7,8 +7,8 @@ import time
 
 from auth.passwords import check_strength, hash_password
 from auth.roles import ROLES
-from transfer.db import Database, Row
-from transfer.errors import ApiError, bad_request
+from common.db import Database, Row
+from common.errors import ApiError, bad_request
 
 USERNAME_MAX = 64
 

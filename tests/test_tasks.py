@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 import time
 
+from common.errors import ApiError
 from tests.conftest import ADMIN
 from tests.test_records import assert_error, json_of
 from transfer.app import create_app
-from transfer.errors import ApiError
 from transfer.services import SERVICES
 
 

@@ -15,17 +15,21 @@ from aiohttp.abc import AbstractAccessLogger
 
 from auth import middleware as auth_middleware
 from auth.middleware import Authenticator
-from auth.sessions import SessionSigner, load_or_create_pool_secret, load_or_create_secret
+from auth.sessions import (
+    RevokedSessions,
+    SessionSigner,
+    load_or_create_pool_secret,
+    load_or_create_secret,
+)
 from auth.users import UserStore
+from common.logfields import LOG_FIELDS
 from transfer import __version__, resume, storage
 from transfer.config import Config
 from transfer.db import open_database
-from transfer.errors import ApiError
 from transfer.handlers import records, session, transfers, users
-from transfer.handlers.common import json_response
+from transfer.handlers.errors import errors_as_json
 from transfer.hosts import HostService, load_or_create_host_uuid
-from transfer.logs import LOG_FIELDS, event, redact_query
-from transfer.pool import Redirect, redirect_response
+from transfer.logs import event, redact_query
 from transfer.services import SERVICES, Services
 from transfer.srs import SrService
 from transfer.tasks import CANCEL_POLL, SHUTTING_DOWN, TaskManager
@@ -33,37 +37,6 @@ from transfer.vdis import VdiService
 
 log = logging.getLogger("vdi_transfer")
 access_log = logging.getLogger("vdi_transfer.access")
-
-HTTP_ERROR_CODES = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED", 413: "BAD_REQUEST"}
-
-
-@web.middleware
-async def errors_as_json(request: web.Request, handler) -> web.StreamResponse:
-    """Every error leaves as JSON {error, message, params} with the contract's status."""
-    request[LOG_FIELDS] = {}
-    try:
-        return await handler(request)
-    except Redirect as redirect:
-        return redirect_response(request, redirect)
-    except ApiError as exc:
-        headers = dict(exc.headers)
-        if exc.status == 401:
-            headers["WWW-Authenticate"] = auth_middleware.REALM
-        request[LOG_FIELDS]["error"] = exc.code
-        return json_response(exc.to_json(), status=exc.status, headers=headers)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        code = HTTP_ERROR_CODES.get(exc.status, "BAD_REQUEST")
-        headers = {k: v for k, v in exc.headers.items() if k.lower() == "allow"}
-        body = {"error": code, "message": exc.reason, "params": [request.path]}
-        return json_response(body, status=exc.status, headers=headers)
-    except (asyncio.CancelledError, ConnectionError):
-        raise
-    except Exception:
-        log.exception("unhandled error", extra={"fields": {"path": request.path}})
-        body = {"error": "INTERNAL_ERROR", "message": "internal server error", "params": []}
-        return json_response(body, status=500)
 
 
 class AccessLog(AbstractAccessLogger):
@@ -129,7 +102,7 @@ async def open_services(config: Config) -> Services:
         vdis=VdiService(db, srs, hosts),
         tasks=TaskManager(db, host_uuid, config.task_ttl),
         users=user_store,
-        auth=Authenticator(db, user_store, signer),
+        auth=Authenticator(RevokedSessions(db), user_store, signer),
     )
 
 
@@ -177,8 +150,12 @@ def create_app(config: Config) -> web.Application:
         recovered = await svc.tasks.recover_after_restart()
         await svc.vdis.drop_readers_of_this_host()
 
-        async def housekeeping() -> None:
+        async def collect_garbage() -> None:
             await svc.tasks.collect_garbage()
+            await svc.auth.revoked.forget_expired(time.time())
+
+        async def housekeeping() -> None:
+            await collect_garbage()
             srs = [Path(row["path"]) for row in await svc.srs.list() if svc.srs.owner(row) is None]
             await svc.tasks.expire_uploads(config.upload_ttl)
             # Checkpoints of uploads that ended, here or (a cancel, an expiry) elsewhere.
@@ -186,7 +163,7 @@ def create_app(config: Config) -> web.Application:
             for task in await svc.tasks.finished_among(saved):
                 await storage.in_thread(resume.discard, config.state_dir, task, srs)
 
-        await svc.tasks.collect_garbage()
+        await collect_garbage()
         loops = [
             asyncio.create_task(
                 _every(config.heartbeat_interval, "heartbeat", svc.hosts.heartbeat)

@@ -10,9 +10,9 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from common.errors import ApiError
 from transfer import __version__, logs
 from transfer.config import Config, ConfigError, load
-from transfer.errors import ApiError
 
 
 def _common(parser: argparse.ArgumentParser) -> None:

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from common.errors import bad_request
 from formats.chain import Chain, coalesce, union_spans
 from formats.driver import DATA, ZERO
 from transfer import layers
 from transfer.db import Row
-from transfer.errors import bad_request
 from transfer.services import Services
 from transfer.storage import in_thread
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from common.errors import bad_request
 from formats.chain import READ, Chain
 from formats.chunked import frames_layout
 from formats.driver import DATA
@@ -28,7 +29,7 @@ from formats.layout import Data, Derived, Literal, OutputLayout, Piece, Zero, ra
 from transfer import deltas, layers, storage
 from transfer.db import Row
 from transfer.diskio import READ_SIZE
-from transfer.errors import bad_request, choose_format
+from transfer.errors import choose_format
 from transfer.services import Services
 from transfer.tasks import Transfer
 

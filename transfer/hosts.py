@@ -6,8 +6,8 @@ import time
 import uuid
 from pathlib import Path
 
+from common.errors import ApiError
 from transfer.db import Database, Row
-from transfer.errors import ApiError
 from transfer.ids import iso
 
 HOST_UUID_FILE = "host-uuid"

@@ -19,6 +19,7 @@ from typing import Protocol
 
 from aiohttp import StreamReader
 
+from common.errors import ApiError, bad_request
 from formats.chunked import ChunkDecoder
 from formats.errors import FormatError, FramingError, OutOfBounds
 from formats.events import Header
@@ -26,7 +27,7 @@ from formats.raw import RawDecoder
 from transfer import image_import, layers, resume, storage
 from transfer.db import Row
 from transfer.diskio import DiskWriter
-from transfer.errors import ApiError, bad_request, choose_format
+from transfer.errors import choose_format
 from transfer.logs import event
 from transfer.services import Services
 from transfer.sizes import parse_size, round_to_sector

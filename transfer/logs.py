@@ -12,11 +12,6 @@ import sys
 import time
 from typing import Any
 
-from aiohttp import web
-
-# Fields a handler adds to its request's access-log line (user, task, vdi, bytes, error).
-LOG_FIELDS = web.RequestKey("log_fields", dict)
-
 SECRET_PARAMS = frozenset({"session_id", "ticket", "password", "token"})
 
 

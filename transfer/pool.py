@@ -15,8 +15,8 @@ from urllib.parse import urlencode
 from aiohttp import web
 
 from auth.middleware import PRINCIPAL
-from transfer.errors import ApiError
-from transfer.logs import LOG_FIELDS
+from common.errors import ApiError
+from common.logfields import LOG_FIELDS
 from transfer.services import services
 
 # Parameters a client may send as cookies (XAPI reads both). Cookies do not travel to

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from transfer.errors import ApiError
+from common.errors import ApiError
 
 _RANGE = re.compile(r"^\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*$", re.IGNORECASE)
 

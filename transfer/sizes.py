@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from transfer.errors import bad_request
+from common.errors import bad_request
 
 SECTOR = 512
 UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}

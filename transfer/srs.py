@@ -7,9 +7,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from common.errors import ApiError, bad_request
 from transfer import storage
 from transfer.db import Database, Row
-from transfer.errors import ApiError, bad_request
 from transfer.ids import new_ref, new_uuid
 
 IMAGE_FORMATS = ("raw", "vhd", "qcow2")

@@ -20,8 +20,8 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from common.errors import ApiError, bad_request
 from transfer.db import Database, Row
-from transfer.errors import ApiError, bad_request
 from transfer.ids import iso, new_ref, new_uuid
 from transfer.logs import event
 
@@ -467,14 +467,13 @@ class TaskManager:
             await self.fail(transfer, error_info)
 
     async def collect_garbage(self) -> int:
-        """Delete finished tasks older than the TTL, and expired revocation entries."""
+        """Delete finished tasks older than the TTL."""
         now = time.time()
         removed = await self.db.execute(
             "DELETE FROM tasks WHERE status IN ('success', 'failure', 'cancelled') "
             "AND finished < ?",
             now - self.ttl,
         )
-        await self.db.execute("DELETE FROM revoked_sessions WHERE expires < ?", now)
         if removed:
             event(log, "task.gc", removed=removed)
         return removed

@@ -9,10 +9,10 @@ import time
 import uuid
 from pathlib import Path
 
+from common.db import Executor
+from common.errors import ApiError, bad_request
 from transfer import layers, storage
 from transfer.db import Database, Row
-from transfer.db.base import Executor
-from transfer.errors import ApiError, bad_request
 from transfer.hosts import HostService
 from transfer.ids import iso, new_ref
 from transfer.ids import new_uuid as new_uuid_str

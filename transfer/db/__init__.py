@@ -6,7 +6,7 @@ Queries are written once in portable SQL with ``?`` placeholders; each backend a
 
 from __future__ import annotations
 
-from transfer.db.base import Database, Row
+from common.db import Database, Row
 from transfer.db.schema import migrate
 
 

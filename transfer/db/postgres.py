@@ -15,7 +15,7 @@ from typing import Any
 
 import asyncpg
 
-from transfer.db.base import Row
+from common.db import Row
 
 _PLACEHOLDER = re.compile(r"\?")
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 
-from transfer.db.base import Database
+from common.db import Database
 
 MIGRATIONS: list[tuple[int, list[str]]] = [
     (

@@ -11,7 +11,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
-from transfer.db.base import Row
+from common.db import Row
 
 T = TypeVar("T")
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from aiohttp import web
 
-from transfer.errors import bad_request
+from common.errors import bad_request
 
 MAX_JSON_BODY = 1 << 20
 

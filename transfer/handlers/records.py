@@ -7,9 +7,9 @@ import asyncio
 from aiohttp import web
 
 from auth.middleware import PRINCIPAL, accepts_ticket, requires
+from common.logfields import LOG_FIELDS
 from transfer import pool
 from transfer.handlers.common import field, json_response, read_json
-from transfer.logs import LOG_FIELDS
 from transfer.services import services
 from transfer.sizes import parse_size
 

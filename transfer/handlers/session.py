@@ -8,10 +8,10 @@ import time
 from aiohttp import web
 
 from auth.middleware import PRINCIPAL, public, requires, session_token
-from transfer.errors import ApiError
+from common.errors import ApiError
+from common.logfields import LOG_FIELDS
 from transfer.handlers.common import json_response, read_json
 from transfer.ids import iso
-from transfer.logs import LOG_FIELDS
 from transfer.services import services
 
 routes = web.RouteTableDef()

@@ -15,11 +15,12 @@ from pathlib import Path
 from aiohttp import web
 
 from auth.middleware import PRINCIPAL, accepts_ticket, requires
+from common.errors import ApiError, bad_request
+from common.logfields import LOG_FIELDS
 from formats.driver import DATA
 from transfer import deltas, exports, imports, layers, pool, resume, storage
-from transfer.errors import ApiError, bad_request
 from transfer.handlers.common import json_response
-from transfer.logs import LOG_FIELDS
+from transfer.handlers.errors import error_response
 from transfer.ranges import requested_range
 from transfer.services import services
 
@@ -127,9 +128,7 @@ async def _import(request: web.Request, params: imports.ImportParams) -> web.Str
     except ApiError as exc:
         await imports.abandon(svc, job, exc)
         log_fields["bytes_in"] = transfer.bytes
-        response = json_response(
-            exc.to_json(), status=exc.status, headers={**headers, **exc.headers}
-        )
+        response = error_response(exc, headers)
         response.force_close()  # the rest of the body, if any, is not wanted
         log_fields["error"] = exc.code
         return response
@@ -318,14 +317,8 @@ async def _send_export(request: web.Request, plan: exports.ExportPlan) -> web.St
             request.headers.get("Range"), request.headers.get("If-Range"), plan.etag, total
         )
     except ApiError as exc:
-        return json_response(
-            exc.to_json(),
-            status=exc.status,
-            headers={
-                "Content-Range": f"bytes */{total}",
-                "ETag": plan.etag,
-                "Accept-Ranges": "bytes",
-            },
+        return error_response(
+            exc, {"Content-Range": f"bytes */{total}", "ETag": plan.etag, "Accept-Ranges": "bytes"}
         )
     start, end = wanted if wanted else (0, total)
     response = web.StreamResponse(status=206 if wanted else 200)
