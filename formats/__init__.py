@@ -1,5 +1,8 @@
-"""Disk image codecs and drivers (raw, VHD, QCOW2, tar): pure Python, sans-I/O where it can be.
+"""Disk image codecs and drivers (raw, XAPI chunk framing, VHD, QCOW2, XAPI tar, OVA):
+pure Python, sans-I/O where it can be, no aiohttp, no asyncio.
 
-Decoders take bytes and emit (offset, data) and zero ranges; encoders compute a layout from an
-allocation map and a reader. No aiohttp, no asyncio here.
+Decoders (formats.events.Decoder) are fed bytes and return Header/Write/Zero events;
+encoders compute an output layout (formats.layout) from an allocation map; image drivers
+(formats.driver) read and write one layer of a VDI, which formats.chain stacks.
+formats.registry describes each format once: what decodes it, stores it and encodes it.
 """

@@ -4,7 +4,8 @@ The stream is a sequence of frames, each a 12-byte header -- u64 little-endian b
 u32 little-endian length -- followed by `length` bytes of data for that offset, ended by a
 header of 12 zero bytes. Frames may come in any order.
 
-`ChunkDecoder` is sans-I/O: feed it bytes as they arrive, get (offset, data) writes back.
+`ChunkDecoder` is sans-I/O: feed it bytes as they arrive, get `Write` events back (after one
+`Header`: a framed stream is a delta of unknown disk size).
 `frames_layout` is the encoder: the exact bytes of a framed stream carrying given extents.
 """
 
@@ -14,6 +15,7 @@ import struct
 from collections.abc import Iterable, Iterator
 
 from formats.errors import FramingError, OutOfBounds
+from formats.events import Event, Header, Write
 from formats.layout import Data, Layout, Literal
 
 HEADER = struct.Struct("<QI")
@@ -39,12 +41,19 @@ class ChunkDecoder:
         self._remaining = 0  # data bytes still due in the current frame
         self.frames = 0
         self.done = False  # the terminator was seen
+        self.started = False  # the Header went out
 
     @property
     def mid_frame(self) -> bool:
         return bool(self._header) or self._remaining > 0
 
-    def feed(self, data: bytes | memoryview) -> Iterator[tuple[int, memoryview]]:
+    def _start(self) -> Iterator[Event]:
+        if not self.started:
+            self.started = True
+            yield Header(None, whole_image=False)
+
+    def feed(self, data: bytes | bytearray | memoryview) -> Iterator[Event]:
+        yield from self._start()
         view = memoryview(data)
         pos = 0
         while pos < len(view):
@@ -54,7 +63,7 @@ class ChunkDecoder:
                 )
             if self._remaining:
                 take = min(self._remaining, len(view) - pos)
-                yield self._offset, view[pos : pos + take]
+                yield Write(self._offset, view[pos : pos + take])
                 self._offset += take
                 self._remaining -= take
                 pos += take
@@ -88,8 +97,9 @@ class ChunkDecoder:
         self._offset = offset
         self._remaining = length
 
-    def finish(self) -> None:
+    def finish(self) -> Iterator[Event]:
         """The stream ended: it must have ended on the terminator."""
+        yield from self._start()
         if not self.done:
             where = "in the middle of a frame" if self.mid_frame else "before the terminator"
             raise FramingError(f"the chunk-framed body ended {where} (after {self.frames} frames)")

@@ -7,6 +7,11 @@ class FormatError(Exception):
     """The stream is malformed (IMAGE_INVALID, or BAD_REQUEST for transport framing)."""
 
 
+class Unsupported(FormatError):
+    """A valid stream of a kind this service does not import (FORMAT_UNSUPPORTED, not
+    IMAGE_INVALID): say what it is and what is supported."""
+
+
 class FramingError(FormatError):
     """The transport framing (XAPI chunk framing) is malformed (BAD_REQUEST)."""
 

@@ -22,10 +22,10 @@ import zlib
 from collections.abc import Callable
 from typing import Any
 
-from formats.errors import FormatError
+from formats.errors import FormatError, Unsupported
 from formats.events import Event, Header, Write
 from formats.spill import Spill
-from formats.tarstream import MemberData, MemberEnd, MemberStart, TarReader
+from formats.tarstream import MemberData, MemberEnd, MemberStart, TarArchiveDecoder
 from formats.vmdk import UnsupportedVariant
 
 # extension -> (module, decoder class); None is the raw member handled here.
@@ -43,10 +43,8 @@ INFLATE_STEP = 4 << 20  # inflated bytes handed to the disk decoder at a time
 LISTED_MEMBERS = 100  # member names kept for messages
 
 
-class UnsupportedMember(FormatError):
+class UnsupportedMember(Unsupported):
     """The OVA's disk is of a kind this service cannot import (FORMAT_UNSUPPORTED)."""
-
-    unsupported = True  # what transfer/imports.py looks for to answer FORMAT_UNSUPPORTED
 
 
 class _RawMember:
@@ -149,7 +147,7 @@ def disk_kind(name: str) -> str | None:
     return None
 
 
-class OvaDecoder:
+class OvaDecoder(TarArchiveDecoder):
     """Sans-I/O decoder of an OVA: `feed(bytes)`/`finish()` return the disk's events.
 
     `spill` and the member's size are handed to the inner decoder (its stream offsets are
@@ -157,25 +155,16 @@ class OvaDecoder:
     `other_disks` lists further disk members, skipped."""
 
     def __init__(self, spill: Spill | None = None, stream_length: int | None = None):
+        super().__init__()
         self.spill = spill
         self.stream_length = stream_length
         self.disk_member: str | None = None
         self.other_disks: list[str] = []
         self.members: list[str] = []  # the first LISTED_MEMBERS names, for messages
         self.member_count = 0
-        self._tar = TarReader()
         self._inner: Any = None  # the disk's decoder while its member streams by
 
-    def feed(self, data: bytes | bytearray | memoryview) -> list[Event]:
-        events: list[Event] = []
-        for tar_event in self._tar.feed(data):
-            self._on_tar_event(tar_event, events)
-        return events
-
-    def finish(self) -> list[Event]:
-        events: list[Event] = []
-        for tar_event in self._tar.finish():
-            self._on_tar_event(tar_event, events)
+    def _on_archive_end(self, events: list[Event]) -> None:
         if self.disk_member is None:
             listed = ", ".join(repr(m) for m in self.members) or "none"
             if self.member_count > len(self.members):
@@ -184,7 +173,6 @@ class OvaDecoder:
                 f"the OVA has no disk member (.vhd, .qcow2, .vmdk, .raw or .img); its "
                 f"members: {listed}"
             )
-        return events
 
     def _on_tar_event(self, event: object, events: list[Event]) -> None:
         if isinstance(event, MemberData):

@@ -32,6 +32,7 @@ import struct
 from dataclasses import dataclass
 
 from formats.errors import FormatError
+from formats.events import Event
 
 BLOCK = 512
 ZERO_BLOCK = bytes(BLOCK)
@@ -355,3 +356,33 @@ def _pax_number(text: str, what: str, at: int) -> int:
     if not text.isascii() or not text.isdigit():
         raise FormatError(f"the tar pax header before offset {at} has an invalid {what} {text!r}")
     return int(text)
+
+
+class TarArchiveDecoder:
+    """The part every decoder of a tar-based upload format shares (XAPI's block tar, OVA):
+    archive bytes go through a `TarReader`, and the subclass turns its member events into
+    disk events (`_on_tar_event`), then checks what the end of the stream completes
+    (`_on_archive_end`). `feed`/`finish` keep the formats.events.Decoder contract."""
+
+    def __init__(self) -> None:
+        self._tar = TarReader()
+
+    def feed(self, data: bytes | bytearray | memoryview) -> list[Event]:
+        events: list[Event] = []
+        for tar_event in self._tar.feed(data):
+            self._on_tar_event(tar_event, events)
+        return events
+
+    def finish(self) -> list[Event]:
+        events: list[Event] = []
+        for tar_event in self._tar.finish():
+            self._on_tar_event(tar_event, events)
+        self._on_archive_end(events)
+        return events
+
+    def _on_tar_event(self, event: TarEvent, events: list[Event]) -> None:
+        raise NotImplementedError
+
+    def _on_archive_end(self, events: list[Event]) -> None:
+        """The stream ended and the tar reader accepted its end: append what that completes
+        to `events`, or raise FormatError."""

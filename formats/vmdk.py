@@ -21,7 +21,7 @@ from __future__ import annotations
 import struct
 import zlib
 
-from formats.errors import FormatError
+from formats.errors import FormatError, Unsupported
 from formats.events import Event, Header, Write
 from formats.spill import Spill
 
@@ -30,7 +30,6 @@ MAGIC = b"KDMV"
 FLAG_COMPRESSED = 1 << 16
 FLAG_MARKERS = 1 << 17
 COMPRESSION_DEFLATE = 1
-GD_AT_END = 0xFFFFFFFFFFFFFFFF
 MAX_GRAIN_SECTORS = 2048  # 1 MiB; VMware uses 128 (64 KiB)
 MAX_OVERHEAD = 1 << 30  # bytes skipped before the first marker
 
@@ -42,11 +41,9 @@ MARKER = struct.Struct("<QII")  # lba or sectors, size, type (metadata markers o
 MARKER_TYPES = {0: "end of stream", 1: "grain table", 2: "grain directory", 3: "footer"}
 
 
-class UnsupportedVariant(FormatError):
+class UnsupportedVariant(Unsupported):
     """A valid VMDK that is not stream-optimized (e.g. monolithic sparse without markers,
     or a descriptor file whose data lives elsewhere): not decodable from a stream."""
-
-    unsupported = True  # FORMAT_UNSUPPORTED rather than IMAGE_INVALID
 
 
 _HEADER = "header"

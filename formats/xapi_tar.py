@@ -41,7 +41,7 @@ from formats.tarstream import (
     MemberData,
     MemberEnd,
     MemberStart,
-    TarReader,
+    TarArchiveDecoder,
 )
 
 CHUNK_SIZE = 1 << 20
@@ -77,7 +77,7 @@ class _Chunk:
     filled: int = 0
 
 
-class XapiTarDecoder:
+class XapiTarDecoder(TarArchiveDecoder):
     """Sans-I/O decoder of XAPI's block tar: `feed(bytes)` and `finish()` return events.
 
     The disk size is not in the archive: after `finish()`, `disk_size` is the end of the last
@@ -89,7 +89,7 @@ class XapiTarDecoder:
         self.disk_size: int | None = None  # known after finish()
         self.prefix: str | None = None
         self.chunks = 0  # chunk members written (keep-alive members not counted)
-        self._tar = TarReader()
+        super().__init__()
         self._header_sent = False
         self._position = 0  # disk offset right after the last chunk
         self._last_index = -1
@@ -99,22 +99,12 @@ class XapiTarDecoder:
         self._checksum = bytearray()
         self._ended = False
 
-    def feed(self, data: bytes | bytearray | memoryview) -> list[Event]:
-        events: list[Event] = []
-        for tar_event in self._tar.feed(data):
-            self._on_tar_event(tar_event, events)
-        return events
-
-    def finish(self) -> list[Event]:
-        events: list[Event] = []
-        for tar_event in self._tar.finish():
-            self._on_tar_event(tar_event, events)
+    def _on_archive_end(self, events: list[Event]) -> None:
         if not self._ended:  # TarReader.finish raises first; kept as a guard
             raise FormatError("the XAPI tar stream ended before its end-of-archive marker")
         if not self._header_sent:  # an empty archive: XAPI's export of a 0-byte disk
             events.append(self._header())
         self.disk_size = self._position
-        return events
 
     def _header(self) -> Header:
         self._header_sent = True

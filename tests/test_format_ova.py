@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from formats.errors import FormatError
+from formats.errors import FormatError, Unsupported
 from formats.events import Header, Write, Zero
 from formats.ova import OvaDecoder, UnsupportedMember
 from formats.spill import MemorySpill
@@ -123,7 +123,7 @@ def test_ova_without_a_disk_is_invalid():
 def test_unsupported_disk_kinds_are_named(name):
     with pytest.raises(UnsupportedMember, match=name) as raised:
         decode(ova([("vm.ovf", OVF), (name, b"\0" * 4096)]))
-    assert raised.value.unsupported is True
+    assert isinstance(raised.value, Unsupported)
     assert isinstance(raised.value, FormatError)
 
 

@@ -107,29 +107,6 @@ class Sink:
     reached: int = 0  # highest disk offset written so far (for progress estimates)
 
 
-class RawAsImage:
-    """A raw or chunk-framed body as image events, for VDIs written through a driver: a
-    delta that changes what it writes (zeros included)."""
-
-    def __init__(self, decoder):
-        self.decoder = decoder
-        self.started = False
-
-    def _header(self) -> Iterator[Event]:
-        if not self.started:
-            self.started = True
-            yield Header(None, whole_image=False)
-
-    def feed(self, data) -> Iterator[Event]:
-        yield from self._header()
-        for offset, chunk in self.decoder.feed(data):
-            yield Write(offset, chunk)
-
-    def finish(self) -> Iterator[Event]:
-        yield from self._header()
-        self.decoder.finish()
-
-
 def events_of(decoder, chunks: list, final: bool) -> Iterator[Event]:
     """The events of `chunks` (and of the stream's end if `final`), produced lazily: a
     decoder may hand out spilled or decompressed data only as it is consumed, so nothing

@@ -15,14 +15,13 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 from aiohttp import StreamReader
 
 from common.errors import ApiError, bad_request
 from formats.chunked import ChunkDecoder
-from formats.errors import FormatError, FramingError, OutOfBounds
-from formats.events import Header
+from formats.errors import FormatError, FramingError, OutOfBounds, Unsupported
+from formats.events import Header, Write
 from formats.raw import RawDecoder
 from transfer import image_import, layers, resume, storage
 from transfer.db import Row
@@ -44,12 +43,6 @@ def decoded_formats() -> tuple[str, ...]:
 
 
 DEFAULT_NAME = "Imported VDI"
-
-
-class Decoder(Protocol):
-    def feed(self, data: bytes | memoryview): ...
-
-    def finish(self) -> None: ...
 
 
 @dataclass
@@ -278,7 +271,7 @@ async def _create_vdi(svc: Services, plan: ImportPlan, size: int) -> Row:
     )
 
 
-def decoder_for(plan: ImportPlan) -> Decoder:
+def decoder_for(plan: ImportPlan) -> ChunkDecoder | RawDecoder:
     assert plan.virtual_size is not None
     if plan.params.chunked:
         return ChunkDecoder(plan.virtual_size)
@@ -309,9 +302,9 @@ async def receive(svc: Services, job: ImportJob, body: StreamReader) -> int:
         raise ApiError("VDI_TOO_SMALL", str(exc), exc.size, exc.end) from None
     except FramingError as exc:
         raise bad_request(str(exc)) from None
+    except Unsupported as exc:
+        raise ApiError("FORMAT_UNSUPPORTED", str(exc)) from None
     except FormatError as exc:
-        if getattr(exc, "unsupported", False):
-            raise ApiError("FORMAT_UNSUPPORTED", str(exc)) from None
         raise ApiError("IMAGE_INVALID", str(exc)) from None
     except (ConnectionError, EOFError) as exc:
         raise _short_body(job.transfer.bytes, job.plan.expected, exc) from None
@@ -390,9 +383,10 @@ async def _receive_raw(
             body_bytes += len(chunk)
             position += len(chunk)
             transfer.bytes = position
-            for offset, data in decoder.feed(chunk):
-                await writer.write(offset, data)
-                reached = max(reached, offset + len(data))
+            for ev in decoder.feed(chunk):
+                if isinstance(ev, Write):
+                    await writer.write(ev.offset, ev.data)
+                    reached = max(reached, ev.offset + len(ev.data))
             progress = _progress(body_bytes, expected, reached, plan.virtual_size)
             await svc.tasks.report(transfer, position, progress)
             if checkpoints.due(position):
@@ -402,7 +396,8 @@ async def _receive_raw(
         if not plan.params.complete:
             await checkpoint()  # a segment: durable, and the upload stays open
             return position
-        decoder.finish()
+        for _ in decoder.finish():
+            pass  # raw data and chunk framing complete no write at the end
         await writer.finish()
     except BaseException:
         if checkpoints.enabled:
@@ -453,7 +448,7 @@ async def _receive_image(
         if fmt in image_import.SPILLING:
             spill = await storage.in_thread(FileSpill, Path(plan.sr["path"]), transfer.task)
         if fmt == "raw":  # a raw body into a VDI written through its driver
-            decoder = image_import.RawAsImage(decoder_for(plan))
+            decoder = decoder_for(plan)
         else:
             decoder = image_import.make_decoder(fmt, spill, plan.expected, plan.virtual_size)
     checkpoints = _Checkpoints(job, plan.resume_offset)
