@@ -17,6 +17,7 @@ host offset in this file) -- so an export can sendfile() straight from the layer
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 DATA, ZERO, PARENT = "data", "zero", "parent"
@@ -25,6 +26,9 @@ DATA, ZERO, PARENT = "data", "zero", "parent"
 class ImageDriver(Protocol):
     virtual_size: int
     fd: int
+    # Reads the disk as the layers below this one show it (set by whoever stacks the
+    # layers): what a partial write over PARENT ranges must copy up. None: no layer below.
+    read_parent: Callable[[int, int], bytes] | None
 
     def read(self, offset: int, length: int) -> bytes:
         """Bytes of THIS layer; PARENT ranges read as zero here (Chain resolves them)."""

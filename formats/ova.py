@@ -8,31 +8,32 @@ further disks, ISO images, NVRAM -- are skipped: a VDI import takes one disk.
 
 Disk kinds: .vhd (VhdDecoder), .qcow2 (Qcow2Decoder), .raw/.img (the bytes are the disk),
 .vmdk (streamOptimized, VmdkStreamDecoder). Other disk image kinds (.vdi, .vhdx, non-stream
-VMDK...) raise `UnsupportedMember`, a FormatError the service maps to FORMAT_UNSUPPORTED.
+VMDK...) raise `UnsupportedMember`, an `Unsupported` the service answers FORMAT_UNSUPPORTED.
 A disk member compressed with gzip (OVF's ovf:compression="gzip", same file name) is
 inflated on the fly, except raw ones (their size would only be known at the end).
-The inner decoders are imported lazily: a codec not installed means UnsupportedMember.
 """
 
 from __future__ import annotations
 
 import functools
-import importlib
 import zlib
 from collections.abc import Callable
 from typing import Any
 
 from formats.errors import FormatError, Unsupported
 from formats.events import Event, Header, Write
+from formats.qcow2 import Qcow2Decoder
 from formats.spill import Spill
 from formats.tarstream import MemberData, MemberEnd, MemberStart, TarArchiveDecoder
-from formats.vmdk import UnsupportedVariant
+from formats.vhd import VhdDecoder
+from formats.vmdk import UnsupportedVariant, VmdkStreamDecoder
 
-# extension -> (module, decoder class); None is the raw member handled here.
-DISK_DECODERS: dict[str, tuple[str, str] | None] = {
-    ".vhd": ("formats.vhd", "VhdDecoder"),
-    ".qcow2": ("formats.qcow2", "Qcow2Decoder"),
-    ".vmdk": ("formats.vmdk", "VmdkStreamDecoder"),
+# extension -> the decoder of such a member (made with spill= and stream_length=); None is
+# the raw member handled here.
+DISK_DECODERS: dict[str, type | None] = {
+    ".vhd": VhdDecoder,
+    ".qcow2": Qcow2Decoder,
+    ".vmdk": VmdkStreamDecoder,
     ".raw": None,
     ".img": None,
 }
@@ -205,17 +206,9 @@ class OvaDecoder(TarArchiveDecoder):
             return _DiskMember(
                 member.size, functools.partial(_raw_member, member.name), member.name
             )
-        module_name, class_name = decoder
-        try:
-            module = importlib.import_module(module_name)  # lazy: the codec may be absent
-        except ImportError:
-            raise UnsupportedMember(
-                f"the OVA's disk {member.name!r} is a {kind[1:]} image, which this server "
-                f"cannot decode yet"
-            ) from None
-        # A partial of module-level functions, not a closure: a resumable upload pickles
-        # the decoder's state (transfer/resume.py).
-        maker = functools.partial(_inner_decoder, getattr(module, class_name), self.spill)
+        # A partial of a module-level function, not a closure: a resumable upload pickles
+        # the decoder's state with its checkpoints.
+        maker = functools.partial(_inner_decoder, decoder, self.spill)
         return _DiskMember(member.size, maker, member.name)
 
     def _call(self, method: Any, *args: Any) -> list[Event]:

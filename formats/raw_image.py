@@ -14,11 +14,26 @@ class RawImage:
     """A raw file as an ImageDriver (formats.driver). A raw layer has no parent: what it
     does not hold (holes) reads as zero."""
 
+    read_parent = None  # a raw file is a whole disk: there is never a layer below it
+
     def __init__(self, path: str | os.PathLike, fd: int, virtual_size: int, writable: bool):
         self.path = path
         self.fd = fd
         self.virtual_size = virtual_size
         self.writable = writable
+
+    @classmethod
+    def create(cls, path: str | os.PathLike, virtual_size: int) -> RawImage:
+        """A new file of `virtual_size` bytes with no block allocated, open for writing. The
+        file must not exist. Nothing is synced: `flush` before relying on it."""
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
+        try:
+            os.ftruncate(fd, virtual_size)
+        except BaseException:
+            os.close(fd)
+            os.unlink(path)
+            raise
+        return cls(path, fd, virtual_size, True)
 
     @classmethod
     def open(cls, path: str | os.PathLike, *, writable: bool) -> RawImage:

@@ -187,6 +187,18 @@ def _differences(a: bytes, b: bytes) -> str:
     return ", ".join(name for name, x, y in zip(names, fa, fb, strict=True) if x != y)
 
 
+def read_disk_uuid(path: str | os.PathLike) -> bytes:
+    """The disk uuid in a dynamic or differencing VHD's footer copy at offset 0: what a child
+    layer names as its parent (it stays the uuid the disk was created with, whatever the
+    file is named or recorded as later)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        raw = _pread_exact(fd, FOOTER_SIZE, 0, "the footer copy")
+    finally:
+        os.close(fd)
+    return parse_footer(raw, f"{os.fspath(path)}: the footer copy").uuid
+
+
 class VhdImage:
     """One dynamic or differencing VHD file, read and written in place (ImageDriver).
 

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from formats.registry import runtime_formats, upload_formats
+
 
 class ConfigError(Exception):
     """A configuration value that cannot be used; the message names the key."""
@@ -54,8 +56,8 @@ class Config:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config) if f.name != "image_mapping"}
-SOURCE_FORMATS = ("raw", "vhd", "qcow2", "tar", "ova")  # what an upload may be
-RUNTIME_FORMATS = ("raw", "vhd", "qcow2")  # how a VDI may be stored
+SOURCE_FORMATS = upload_formats()  # what an upload may be
+RUNTIME_FORMATS = runtime_formats()  # how a VDI may be stored
 
 
 def parse_images_type_mapping(text: str, default: str) -> dict[str, str]:

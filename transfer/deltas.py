@@ -14,6 +14,7 @@ from pathlib import Path
 from common.errors import bad_request
 from formats.chain import Chain, coalesce, union_spans
 from formats.driver import DATA, ZERO
+from formats.registry import FORMATS
 from transfer import layers
 from transfer.db import Row
 from transfer.services import Services
@@ -35,7 +36,7 @@ async def changed_runs(
     base_rows = await svc.vdis.chain_rows(base)
     vdi_files = [(await svc.vdis.path(r), r["image_format"]) for r in vdi_rows]
     base_files = [(await svc.vdis.path(r), r["image_format"]) for r in base_rows]
-    if "raw" in (vdi["image_format"], base["image_format"]):
+    if not (FORMATS[vdi["image_format"]].layered and FORMATS[base["image_format"]].layered):
         return await in_thread(_compare, vdi_files, base_files, chain)
     vdi_ids = [r["uuid"] for r in vdi_rows]
     base_ids = [r["uuid"] for r in base_rows]

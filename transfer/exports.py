@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import importlib
-import importlib.util
 import logging
 import os
 import select
@@ -23,45 +21,24 @@ from aiohttp import web
 
 from common.errors import bad_request
 from formats.chain import READ, Chain
-from formats.chunked import frames_layout
 from formats.driver import DATA
-from formats.layout import Data, Derived, Literal, OutputLayout, Piece, Zero, raw_layout
+from formats.layout import Data, Derived, Literal, OutputLayout, Piece, Zero
+from formats.registry import RAW, Format, Identity, wire
 from transfer import deltas, layers, storage
 from transfer.db import Row
 from transfer.diskio import READ_SIZE
-from transfer.errors import choose_format
 from transfer.services import Services
 from transfer.tasks import Transfer
 
 log = logging.getLogger("vdi_transfer.export")
 
-EXPORT_FORMATS = ("raw", "vhd", "qcow2", "tar")
-# format -> (module, layout function); a module not present yet means "not implemented".
-ENCODERS = {
-    "vhd": ("formats.vhd", "vhd_layout"),
-    "qcow2": ("formats.qcow2", "qcow2_layout"),
-    "tar": ("formats.xapi_tar", "xapi_tar_layout"),
-}
-
-
-def encoded_formats() -> tuple[str, ...]:
-    return ("raw", *(f for f, (m, _) in ENCODERS.items() if importlib.util.find_spec(m)))
-
-
-CONTENT_TYPES = {
-    "raw": "application/octet-stream",
-    "vhd": "application/vhd",
-    "qcow2": "application/x-qemu-disk",
-    "tar": "application/x-tar",
-}
 _ZEROS = memoryview(bytes(READ_SIZE))
 
 
 @dataclass
 class ExportPlan:
     vdi: Row
-    format: str
-    chunked: bool
+    wire: Format  # what is sent: the format, or chunk framing of raw data
     base: Row | None
     layout: OutputLayout
     etag: str
@@ -72,15 +49,17 @@ class ExportPlan:
 
     @property
     def content_type(self) -> str:
-        return CONTENT_TYPES[self.format]
+        assert self.wire.content_type is not None
+        return self.wire.content_type
 
     @property
     def filename(self) -> str:
-        return f"{self.vdi['uuid']}.{'chunked' if self.chunked else self.format}"
+        return f"{self.vdi['uuid']}.{self.wire.name}"
 
 
-def parse_format(value: str | None) -> str:
-    return choose_format(value, EXPORT_FORMATS, encoded_formats(), "export")
+def identity(vdi: Row) -> Identity:
+    """What images record of the VDI, from the database: the same content, the same bytes."""
+    return Identity(uuid.UUID(vdi["uuid"]), float(vdi["created"]))
 
 
 async def plan(
@@ -89,103 +68,41 @@ async def plan(
     """Check the request and lay out the output. The caller holds a read claim on the VDI
     (a lease: `svc.vdis.add_reader`) so no writer can start while it is being laid out or sent. The
     VDI's chain is opened once, here, and stays open in the plan until `plan.close()`."""
-    if chunked and fmt != "raw":
+    if chunked and fmt != RAW.name:
         raise bad_request(f"chunked= applies to format raw only, not {fmt}")
+    sent = wire(fmt, chunked)
     vdi = await svc.vdis.get(vdi_ident)
     svc.vdis.check_not_written(vdi)
     base = await svc.vdis.get(base_ident) if base_ident else None
     files = await svc.vdis.chain_files(vdi)
     chain = await storage.in_thread(functools.partial(layers.open_chain, files, writable=False))
     try:
-        if base is not None and not (fmt == "raw" and not chunked):  # plain raw: full disk
+        if base is not None and sent.delta_layout is not None:  # else: the whole disk
             changed = await deltas.changed_runs(svc, vdi, base, chain)
-            layout = encode_delta(fmt, vdi, base, changed)
+            layout = _lay(vdi, sent, sent.delta_layout, changed, identity(base))
             etag = f'"{vdi["uuid"]}.{vdi["generation"]}.{base["uuid"]}.{base["generation"]}.'
-            etag += f'{"chunked" if chunked else fmt}"'
-            return ExportPlan(vdi, fmt, chunked, base, layout, etag, chain)
+            return ExportPlan(vdi, sent, base, layout, f'{etag}{sent.name}"', chain)
         extents = await storage.in_thread(data_extents, chain)
-        if chunked:
-            layout = frames_layout(extents)
-        elif fmt == "raw":
-            layout = raw_layout(vdi["virtual_size"], extents)
-        else:
-            layout = encode(fmt, vdi, extents)
-        variant = "chunked" if chunked else fmt
-        etag = f'"{vdi["uuid"]}.{vdi["generation"]}.{variant}"'
-        return ExportPlan(vdi, fmt, chunked, base, layout, etag, chain)
+        layout = _lay(vdi, sent, sent.layout, extents)
+        etag = f'"{vdi["uuid"]}.{vdi["generation"]}.{sent.name}"'
+        return ExportPlan(vdi, sent, base, layout, etag, chain)
     except BaseException:
         await storage.in_thread(layers.close_chain, chain)
         raise
 
 
-def encode_delta(
-    fmt: str, vdi: Row, base: Row, changed: list[tuple[int, int, str]]
-) -> OutputLayout:
-    """The layout of what changed since `base`: raw chunk framing carries the changed runs
-    (zero runs as frames of zeros); VHD a differencing disk whose parent is the base (VHD
-    has no zero flag: zeroed sectors go as data); QCOW2 an image backed by the base, with
-    zero clusters where data was removed; tar the chunks that changed (XAPI's semantics)."""
-    spans = [(start, n) for start, n, _ in changed]
-    size = vdi["virtual_size"]
-    if fmt == "raw":
-        return frames_layout(spans)
-    module, name = ENCODERS[fmt]
-    layout_of = getattr(importlib.import_module(module), name)
+def _lay(vdi: Row, sent: Format, lay, runs: list, *base: Identity) -> OutputLayout:
+    """The layout of `vdi` in `sent` (from its extents, or from what changed since a base).
+    Identity fields come from the VDI (uuid, creation time): same content, same bytes."""
     try:
-        if fmt == "vhd":
-            from formats.vhd import vhd_timestamp
-
-            parent = (
-                uuid.UUID(base["uuid"]).bytes,
-                vhd_timestamp(int(base["created"])),
-                f"{base['uuid']}.vhd",
-            )
-            return layout_of(
-                size,
-                spans,
-                disk_uuid=uuid.UUID(vdi["uuid"]).bytes,
-                timestamp=vhd_timestamp(int(vdi["created"])),
-                parent=parent,
-            )
-        if fmt == "qcow2":
-            data = [(s, n) for s, n, kind in changed if kind == DATA]
-            zeros = [(s, n) for s, n, kind in changed if kind != DATA]
-            return layout_of(
-                size,
-                data,
-                backing=f"{base['uuid']}.qcow2",
-                backing_format="qcow2",
-                zero_extents=zeros,
-            )
-        return layout_of(size, spans)
+        return lay(vdi["virtual_size"], runs, identity(vdi), *base)
     except ValueError as exc:
-        raise bad_request(f"VDI {vdi['uuid']} cannot be exported as {fmt}: {exc}") from None
+        raise bad_request(f"VDI {vdi['uuid']} cannot be exported as {sent.name}: {exc}") from None
 
 
 def data_extents(chain: Chain) -> list[tuple[int, int]]:
     """Blocking: the (offset, length) runs of the VDI that read as data."""
     return [(start, n) for start, n, kind in chain.extents() if kind == DATA]
-
-
-def encode(fmt: str, vdi: Row, extents: list[tuple[int, int]]) -> OutputLayout:
-    """The layout of `vdi` exported as an image. Identity fields are derived from the VDI
-    (its uuid, its creation time), so the same content always gives the same bytes."""
-    module, name = ENCODERS[fmt]
-    layout_of = getattr(importlib.import_module(module), name)
-    size = vdi["virtual_size"]
-    try:
-        if fmt == "vhd":
-            from formats.vhd import vhd_timestamp
-
-            return layout_of(
-                size,
-                extents,
-                disk_uuid=uuid.UUID(vdi["uuid"]).bytes,
-                timestamp=vhd_timestamp(int(vdi["created"])),
-            )
-        return layout_of(size, extents)
-    except ValueError as exc:
-        raise bad_request(f"VDI {vdi['uuid']} cannot be exported as {fmt}: {exc}") from None
 
 
 def _blocks(layout: OutputLayout, start: int, end: int) -> Iterator[Piece]:

@@ -10,8 +10,6 @@ clears the target of a whole image; the worker hands it back with the events aft
 from __future__ import annotations
 
 import asyncio
-import importlib
-import importlib.util
 import itertools
 import os
 from collections.abc import Awaitable, Callable, Iterator
@@ -24,28 +22,6 @@ from transfer import layers
 from transfer.diskio import write_batch, zero_and_data_runs, zero_range
 
 BATCH = 8 << 20
-
-# format -> (module, decoder class); a module not present yet means "not implemented".
-DECODERS = {
-    "vhd": ("formats.vhd", "VhdDecoder"),
-    "qcow2": ("formats.qcow2", "Qcow2Decoder"),
-    "tar": ("formats.xapi_tar", "XapiTarDecoder"),
-    "ova": ("formats.ova", "OvaDecoder"),
-}
-SPILLING = ("vhd", "qcow2", "ova")  # decoders that may meet bytes before their meaning
-
-
-def available(fmt: str) -> bool:
-    module = DECODERS.get(fmt, (None,))[0]
-    return module is not None and importlib.util.find_spec(module) is not None
-
-
-def make_decoder(fmt: str, spill, stream_length: int | None, virtual_size: int | None):
-    module, name = DECODERS[fmt]
-    cls = getattr(importlib.import_module(module), name)
-    if fmt == "tar":
-        return cls(virtual_size=virtual_size)
-    return cls(spill=spill, stream_length=stream_length)
 
 
 class FdTarget:

@@ -19,14 +19,12 @@ from pathlib import Path
 from aiohttp import StreamReader
 
 from common.errors import ApiError, bad_request
-from formats.chunked import ChunkDecoder
 from formats.errors import FormatError, FramingError, OutOfBounds, Unsupported
-from formats.events import Header, Write
-from formats.raw import RawDecoder
+from formats.events import Decoder, Header, Write
+from formats.registry import RAW, Format, runtime_formats, wire
 from transfer import image_import, layers, resume, storage
 from transfer.db import Row
 from transfer.diskio import DiskWriter
-from transfer.errors import choose_format
 from transfer.logs import event
 from transfer.services import Services
 from transfer.sizes import parse_size, round_to_sector
@@ -34,13 +32,6 @@ from transfer.spillfile import FileSpill
 from transfer.tasks import Transfer
 
 log = logging.getLogger("vdi_transfer.import")
-
-IMPORT_FORMATS = ("raw", "vhd", "qcow2", "tar", "ova")
-
-
-def decoded_formats() -> tuple[str, ...]:
-    return ("raw", *(f for f in IMPORT_FORMATS[1:] if image_import.available(f)))
-
 
 DEFAULT_NAME = "Imported VDI"
 
@@ -62,6 +53,11 @@ class ImportParams:
     def resumable(self) -> bool:
         return bool(self.task_id) or self.announced
 
+    @property
+    def wire(self) -> Format:
+        """What the body is: the format, or XAPI's chunk framing of raw data."""
+        return wire(self.format, self.chunked)
+
 
 @dataclass
 class ImportPlan:
@@ -78,10 +74,6 @@ class ImportPlan:
     @property
     def target_uuid(self) -> str | None:
         return self.vdi["uuid"] if self.vdi else None
-
-
-def parse_format(value: str | None) -> str:
-    return choose_format(value, IMPORT_FORMATS, decoded_formats(), "import")
 
 
 async def placement(svc: Services, params: ImportParams) -> tuple[str, str | None] | None:
@@ -106,7 +98,7 @@ async def plan(svc: Services, params: ImportParams, content_length: int | None) 
     """Every check that needs no body: target, writability, availability, size."""
     if params.content_range is not None:
         return await _plan_resume(svc, params, content_length)
-    if params.chunked and params.format != "raw":
+    if params.chunked and params.format != RAW.name:
         raise bad_request(
             "chunk framing (chunked=) carries raw data; it cannot be combined "
             f"with format={params.format}"
@@ -130,9 +122,9 @@ async def plan(svc: Services, params: ImportParams, content_length: int | None) 
             size = round_to_sector(parse_size(params.virtual_size, "virtual_size"))
             if size <= 0:
                 raise bad_request("the new VDI's virtual size must be greater than zero")
-        elif params.format in ("vhd", "qcow2", "ova"):
+        elif params.wire.states_size:
             size = None  # the image's header says, once it arrives
-        elif params.format == "raw" and content_length is not None and not params.chunked:
+        elif params.wire.length_is_size and content_length is not None:
             size = round_to_sector(content_length)
         else:
             raise bad_request(
@@ -143,10 +135,9 @@ async def plan(svc: Services, params: ImportParams, content_length: int | None) 
     else:
         raise bad_request("give vdi= (the VDI to write) or sr= (where to create one)")
     if (
-        params.format == "raw"
+        params.wire.length_is_size
         and size is not None
         and content_length is not None
-        and not params.chunked
         and content_length > size
     ):
         raise ApiError(
@@ -260,7 +251,7 @@ def runtime_format(svc: Services, plan: ImportPlan) -> str:
     format, else the default; if the SR cannot store that, the SR's default."""
     config = svc.config
     wanted = config.image_mapping.get(plan.params.format, config.images_type)
-    if wanted in svc.srs.formats(plan.sr) and wanted in layers.runtime_formats():
+    if wanted in svc.srs.formats(plan.sr) and wanted in runtime_formats():
         return wanted
     return plan.sr["default_image_format"]
 
@@ -271,11 +262,9 @@ async def _create_vdi(svc: Services, plan: ImportPlan, size: int) -> Row:
     )
 
 
-def decoder_for(plan: ImportPlan) -> ChunkDecoder | RawDecoder:
+def decoder_for(plan: ImportPlan) -> Decoder:
     assert plan.virtual_size is not None
-    if plan.params.chunked:
-        return ChunkDecoder(plan.virtual_size)
-    return RawDecoder(plan.virtual_size)
+    return plan.params.wire.decoder(plan.virtual_size, None, plan.expected)
 
 
 async def receive(svc: Services, job: ImportJob, body: StreamReader) -> int:
@@ -294,7 +283,7 @@ async def receive(svc: Services, job: ImportJob, body: StreamReader) -> int:
     try:
         if job.plan.skip:
             await _skip(body, job.plan.skip)
-        if job.plan.params.format == "raw" and job.vdi and job.vdi["image_format"] == "raw":
+        if job.plan.params.format == RAW.name and job.vdi and job.vdi["image_format"] == RAW.name:
             received = await _receive_raw(svc, job, body, ck)
         else:
             received = await _receive_image(svc, job, body, ck)
@@ -445,12 +434,9 @@ async def _receive_image(
         sink.target = await _open(svc, job.vdi)
         sink.size, sink.punch = job.vdi["virtual_size"], ck.punch
     else:
-        if fmt in image_import.SPILLING:
+        if plan.params.wire.spills:
             spill = await storage.in_thread(FileSpill, Path(plan.sr["path"]), transfer.task)
-        if fmt == "raw":  # a raw body into a VDI written through its driver
-            decoder = decoder_for(plan)
-        else:
-            decoder = image_import.make_decoder(fmt, spill, plan.expected, plan.virtual_size)
+        decoder = plan.params.wire.decoder(plan.virtual_size, spill, plan.expected)
     checkpoints = _Checkpoints(job, plan.resume_offset)
     state_file = _state_file(svc, job)
     finished = False
@@ -545,7 +531,7 @@ async def _receive_image(
 
 async def _open(svc: Services, vdi: Row) -> image_import.FdTarget | image_import.ChainTarget:
     """Where an import writes: a raw VDI's file directly, any other through its chain."""
-    if vdi["image_format"] == "raw":
+    if vdi["image_format"] == RAW.name:  # the file is the disk: write it directly
         fd = await storage.in_thread(os.open, await svc.vdis.path(vdi), os.O_WRONLY)
         return image_import.FdTarget(fd)
     files = await svc.vdis.chain_files(vdi)

@@ -9,32 +9,16 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import importlib
-import importlib.util
 import os
 from pathlib import Path
 
 from formats.chain import Chain
 from formats.driver import DATA
 from formats.raw_image import RawImage
+from formats.registry import FORMATS, Identity
 from transfer import storage
 
-# runtime format -> (module, driver class); a module not present means not implemented
-DRIVERS = {
-    "raw": ("formats.raw_image", "RawImage"),
-    "vhd": ("formats.vhd_image", "VhdImage"),
-    "qcow2": ("formats.qcow2_image", "Qcow2Image"),
-}
 FICLONE = 0x40049409
-
-
-def runtime_formats() -> tuple[str, ...]:
-    return tuple(f for f, (m, _) in DRIVERS.items() if importlib.util.find_spec(m))
-
-
-def driver_class(fmt: str):
-    module, name = DRIVERS[fmt]
-    return getattr(importlib.import_module(module), name)
 
 
 def open_chain(layers: list[tuple[Path, str]], *, writable: bool) -> Chain:
@@ -42,13 +26,13 @@ def open_chain(layers: list[tuple[Path, str]], *, writable: bool) -> Chain:
     opened = []
     try:
         for i, (path, fmt) in enumerate(layers):
-            opened.append(driver_class(fmt).open(path, writable=writable and i == 0))
+            opened.append(FORMATS[fmt].driver.open(path, writable=writable and i == 0))
     except BaseException:
         for driver in opened:
             driver.close()
         raise
     chain = Chain(opened)
-    if len(opened) > 1 and hasattr(chain.top, "read_parent"):
+    if len(opened) > 1:  # what a partial write of the top must copy up
         chain.top.read_parent = lambda offset, length: chain.read(offset, length, first=1)
     return chain
 
@@ -59,42 +43,18 @@ def close_chain(chain: Chain) -> None:
 
 
 def create_image(
-    path: Path,
-    fmt: str,
-    size: int,
-    *,
-    disk_uuid: bytes,
-    timestamp: int,
-    parent: tuple[Path, str, bytes] | None = None,
+    path: Path, fmt: str, size: int, identity: Identity, parent: Path | None = None
 ) -> None:
-    """A new empty image file; `parent` = (parent path, its format, its VHD disk uuid) makes
-    it a child layer. Durable when this returns."""
-    if fmt == "raw":
-        storage.create_sparse(path, size)
-        return
-    cls = driver_class(fmt)
-    if fmt == "vhd":
-        vhd_parent = None
-        if parent is not None:
-            from formats.vhd import vhd_timestamp
-
-            vhd_parent = (
-                parent[2],
-                vhd_timestamp(int(os.stat(parent[0]).st_mtime)),
-                parent[0].name,
-            )
-        image = cls.create(path, size, disk_uuid=disk_uuid, timestamp=timestamp, parent=vhd_parent)
-    else:
-        image = cls.create(
-            path,
-            size,
-            backing=parent[0].name if parent else None,
-            backing_format=parent[1] if parent else None,
-        )
+    """A new empty image file of the VDI `identity`; with `parent` (that layer's file, same
+    format) a child layer. Durable when this returns; nothing is left behind on failure."""
+    image = FORMATS[fmt].create(path, size, identity, parent)
     try:
         image.flush()
-    finally:
+    except BaseException:
         image.close()
+        path.unlink(missing_ok=True)
+        raise
+    image.close()
     storage.fsync_dir(path.parent)
 
 

@@ -8,11 +8,11 @@ import time
 from pathlib import Path
 
 from common.errors import ApiError, bad_request
+from formats.registry import RAW, runtime_formats
 from transfer import storage
 from transfer.db import Database, Row
 from transfer.ids import new_ref, new_uuid
 
-IMAGE_FORMATS = ("raw", "vhd", "qcow2")
 LOCAL_SR_NAME = "Local storage"
 MARKER = ".vdi-transfer-sr"  # in an SR's directory: whose it is, so a wrong mount shows
 
@@ -32,7 +32,9 @@ class SrService:
         if row is None:
             sr_uuid = new_uuid()
             path = (self.state_dir / "srs" / sr_uuid).resolve()
-            row = await self._insert(sr_uuid, LOCAL_SR_NAME, path, False, IMAGE_FORMATS, "raw")
+            row = await self._insert(
+                sr_uuid, LOCAL_SR_NAME, path, False, runtime_formats(), RAW.name
+            )
         await storage.in_thread(storage.ensure_sr_dir, Path(row["path"]))
         return row
 
@@ -49,10 +51,10 @@ class SrService:
         host has); a local one is created. Either gets a marker naming the SR."""
         if not path.is_absolute():
             raise bad_request(f"the SR's path must be absolute, not {path}")
-        unknown = [f for f in formats if f not in IMAGE_FORMATS]
+        unknown = [f for f in formats if f not in runtime_formats()]
         if unknown or not formats:
             raise bad_request(
-                f"image formats must be some of {', '.join(IMAGE_FORMATS)}, not {formats}"
+                f"image formats must be some of {', '.join(runtime_formats())}, not {formats}"
             )
         if default_format not in formats:
             raise bad_request(f"the default image format {default_format} is not in {formats}")

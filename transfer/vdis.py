@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import functools
 import time
 import uuid
 from pathlib import Path
 
 from common.db import Executor
 from common.errors import ApiError, bad_request
+from formats.registry import FORMATS, Identity
 from transfer import layers, storage
 from transfer.db import Database, Row
 from transfer.hosts import HostService
@@ -21,25 +21,8 @@ from transfer.srs import SrService
 
 MAX_NAME = 255
 MAX_VIRTUAL_SIZE = 2**63 - 2**20  # what an off_t holds; the filesystem may allow less
-VHD_MAX = 2040 << 30
 READER_GRACE = 5.0  # seconds a writer waits for exports that are finishing
 READER_POLL = 0.02  # how often it looks again
-
-
-def _vhd_now() -> int:
-    from formats.vhd import vhd_timestamp
-
-    return vhd_timestamp(int(time.time()))
-
-
-def _disk_uuid(path: Path, fmt: str, row: Row) -> bytes:
-    """The disk uuid a VHD child must name as its parent: the one in the parent's footer
-    (the VDI it was created as, which a snapshot does not change)."""
-    if fmt != "vhd":
-        return uuid.UUID(row["uuid"]).bytes
-    with open(path, "rb") as f:
-        footer = f.read(512)
-    return footer[68:84]
 
 
 def _being_exported(vdi_uuid: str) -> ApiError:
@@ -92,12 +75,6 @@ class VdiService:
                 fmt,
                 sr["uuid"],
             )
-        if fmt not in layers.runtime_formats():
-            raise ApiError(
-                "FORMAT_UNSUPPORTED",
-                f"VDIs stored as {fmt} are not implemented yet; use image_format raw",
-                fmt,
-            )
         size = round_to_sector(virtual_size)
         if size <= 0:
             raise bad_request("virtual_size must be greater than zero", virtual_size)
@@ -109,19 +86,11 @@ class VdiService:
         )
         if size > MAX_VIRTUAL_SIZE:
             raise too_big
-        if fmt == "vhd" and size > VHD_MAX:
-            raise bad_request(f"a VHD holds at most 2040 GiB, not {size} bytes", size)
+        identity = Identity(uuid.UUID(vdi_uuid), time.time())
         try:
-            await storage.in_thread(
-                functools.partial(
-                    layers.create_image,
-                    path,
-                    fmt,
-                    size,
-                    disk_uuid=uuid.UUID(vdi_uuid).bytes,
-                    timestamp=_vhd_now(),
-                )
-            )
+            await storage.in_thread(layers.create_image, path, fmt, size, identity)
+        except ValueError as exc:  # the format cannot hold such a disk
+            raise bad_request(f"a {fmt} VDI cannot be {size} bytes: {exc}", size) from None
         except OSError as exc:
             if exc.errno in (errno.EFBIG, errno.EINVAL):
                 raise too_big from None
@@ -220,7 +189,7 @@ class VdiService:
         fmt = row["image_format"]
         label = name_label if name_label is not None else row["name_label"]
         now = time.time()
-        if fmt == "raw":
+        if not FORMATS[fmt].layered:  # a snapshot or clone is a copy of the file
             self.check_not_written(row)
             path = directory / f"{new_uuid}.raw"
             await storage.in_thread(layers.copy_sparse, await self.path(row), path)
@@ -287,19 +256,13 @@ class VdiService:
 
     async def _create_child(self, parent: Row, path: Path, disk_uuid: uuid.UUID) -> None:
         """A new, empty image file whose parent is `parent`'s file (same format)."""
-        fmt = parent["image_format"]
-        parent_path = await self.path(parent)
-        parent_disk = await storage.in_thread(_disk_uuid, parent_path, fmt, parent)
         await storage.in_thread(
-            functools.partial(
-                layers.create_image,
-                path,
-                fmt,
-                parent["virtual_size"],
-                disk_uuid=disk_uuid.bytes,
-                timestamp=_vhd_now(),
-                parent=(parent_path, fmt, parent_disk),
-            )
+            layers.create_image,
+            path,
+            parent["image_format"],
+            parent["virtual_size"],
+            Identity(disk_uuid, time.time()),
+            await self.path(parent),
         )
 
     async def _insert(

@@ -8,11 +8,10 @@ layers the parent each file names.
 
 from __future__ import annotations
 
-import uuid
 from pathlib import Path
 
 from formats.errors import FormatError
-from transfer import layers
+from formats.registry import FORMATS
 from transfer.db import Row
 
 
@@ -24,8 +23,9 @@ def check_chain(rows: list[Row], files: list[tuple[Path, str]]) -> list[str]:
         if not path.exists():
             problems.append(f"{name}: the file is missing")
             continue
+        kind = FORMATS[fmt]
         try:
-            driver = layers.driver_class(fmt).open(path, writable=False)
+            driver = kind.driver.open(path, writable=False)
         except (FormatError, OSError, ValueError) as exc:
             problems.append(f"{name}: the {fmt} file does not open: {exc}")
             continue
@@ -35,36 +35,14 @@ def check_chain(rows: list[Row], files: list[tuple[Path, str]]) -> list[str]:
                     f"{name}: the file holds {driver.virtual_size} bytes, the "
                     f"record says {row['virtual_size']}"
                 )
-            parent = files[i + 1] if i + 1 < len(files) else None
-            problems.extend(_parent_problems(name, fmt, driver, parent, rows, i))
+            parent = files[i + 1][0] if i + 1 < len(files) else None
+            if kind.parent_mismatch is not None:
+                try:
+                    mismatch = kind.parent_mismatch(driver, parent)
+                except (FormatError, OSError) as exc:
+                    mismatch = f"the parent layer's file does not say who it is: {exc}"
+                if mismatch:
+                    problems.append(f"{name}: {mismatch}")
         finally:
             driver.close()
     return problems
-
-
-def _parent_problems(name, fmt, driver, parent, rows, i) -> list[str]:
-    if fmt == "qcow2":
-        named = getattr(driver, "backing", None) or getattr(driver, "backing_file", None)
-        expected = parent[0].name if parent else None
-        if (named or None) != expected:
-            return [f"{name}: the file names backing {named!r}, the records say {expected!r}"]
-    if fmt == "vhd":
-        named = getattr(driver, "parent", None)  # (uuid, timestamp, name) or None
-        if parent is None:
-            if named is not None:
-                return [f"{name}: the file is a differencing disk but the record has no parent"]
-        elif named is None:
-            return [f"{name}: the file is not a differencing disk but the record has a parent"]
-        else:
-            expected = _vhd_disk_uuid(parent[0])
-            if named[0] != expected:
-                return [
-                    f"{name}: the file names parent {uuid.UUID(bytes=named[0])}, the "
-                    f"parent layer's disk is {uuid.UUID(bytes=expected)}"
-                ]
-    return []
-
-
-def _vhd_disk_uuid(path: Path) -> bytes:
-    with open(path, "rb") as f:
-        return f.read(512)[68:84]

@@ -7,7 +7,7 @@ from typing import Any
 
 from aiohttp import web
 
-from common.errors import bad_request
+from common.errors import ApiError, bad_request
 
 MAX_JSON_BODY = 1 << 20
 
@@ -34,6 +34,19 @@ async def read_json(request: web.Request) -> dict:
     if not isinstance(data, dict):
         raise bad_request("the body must be a JSON object")
     return data
+
+
+def choose_format(value: str | None, known: tuple[str, ...], doing: str) -> str:
+    """The `format=` parameter, case-insensitive, raw by default; FORMAT_UNSUPPORTED (415)
+    for a format the service cannot do this with."""
+    fmt = (value or "raw").lower()
+    if fmt not in known:
+        raise ApiError(
+            "FORMAT_UNSUPPORTED",
+            f"unknown {doing} format {value!r}; use one of {', '.join(known)}",
+            value,
+        )
+    return fmt
 
 
 def field(data: dict, name: str, kind: type, default: Any = ..., *, required: bool = False) -> Any:

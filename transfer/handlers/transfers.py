@@ -18,8 +18,9 @@ from auth.middleware import PRINCIPAL, accepts_ticket, requires
 from common.errors import ApiError, bad_request
 from common.logfields import LOG_FIELDS
 from formats.driver import DATA
+from formats.registry import export_formats, upload_formats
 from transfer import deltas, exports, imports, layers, pool, resume, storage
-from transfer.handlers.common import json_response
+from transfer.handlers.common import choose_format, json_response
 from transfer.handlers.errors import error_response
 from transfer.ranges import requested_range
 from transfer.services import services
@@ -72,7 +73,7 @@ async def import_raw_vdi(request: web.Request) -> web.StreamResponse:
     params = imports.ImportParams(
         vdi=param(request, "vdi"),
         sr=param(request, "sr"),
-        format=imports.parse_format(param(request, "format")),
+        format=choose_format(param(request, "format"), upload_formats(), "import"),
         chunked=flag(request, "chunked"),
         task_id=param(request, "task_id"),
         virtual_size=param(request, "virtual_size"),
@@ -291,7 +292,7 @@ async def export_raw_vdi(request: web.Request) -> web.StreamResponse:
     vdi_ident = param(request, "vdi")
     if not vdi_ident:
         raise bad_request("give vdi= (the VDI to export)")
-    fmt = exports.parse_format(param(request, "format"))
+    fmt = choose_format(param(request, "format"), export_formats(), "export")
     chunked = flag(request, "chunked")
     vdi = await svc.vdis.get(vdi_ident)
     vdi_uuid = vdi["uuid"]
