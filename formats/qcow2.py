@@ -22,6 +22,9 @@ table, refcount blocks, L1, L2 tables, then the data clusters in guest order. Ta
 computed when their bytes are asked for, so a 2 TiB disk costs memory in proportion to its
 number of extents, not its size.
 
+`parse_header`, `parse_l1` and `inflate_cluster` serve the decoder and the random-access
+driver (formats.qcow2_image) alike, so that both accept and refuse the same images.
+
 Reference: qemu's docs/interop/qcow2.txt.
 """
 
@@ -35,6 +38,7 @@ import sys
 import zlib
 from array import array
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import zstandard
@@ -120,6 +124,280 @@ def _describe(kind: int, tag: int) -> str:
     if tag == IGNORED:
         return "a preallocated cluster"
     return f"the compressed cluster for guest offset {-2 - tag:#x}"
+
+
+# -- header and L1 table: one parser for the decoder and the driver (formats.qcow2_image) ---
+
+
+@dataclass(frozen=True, slots=True)
+class Qcow2Header:
+    """Cluster 0 of an image, validated by `parse_header` (v3 fields are their v2 meaning
+    in a version 2 image: no features, 16-bit refcounts, zlib)."""
+
+    version: int
+    cluster_bits: int
+    cluster_size: int
+    virtual_size: int
+    l1_size: int
+    l1_table_offset: int
+    refcount_table_offset: int
+    refcount_table_clusters: int
+    nb_snapshots: int
+    snapshots_offset: int
+    incompatible_features: int
+    compatible_features: int
+    autoclear_features: int
+    refcount_order: int
+    header_length: int
+    compression_type: int
+    extended_l2: bool
+    l2_entries: int  # entries in an L2 table: extended entries take 16 bytes, others 8
+    l1_needed: int  # L1 entries the virtual size reaches; those past it map nothing read
+    backing_file: str | None  # informational: never opened
+    backing_format: str | None
+
+
+def check_magic(head: bytes | bytearray) -> None:
+    """FormatError unless `head`, the first bytes of a file, can start a qcow2 image: a
+    stream is refused as soon as 4 bytes have arrived."""
+    if len(head) >= 4 and head[:4] != MAGIC:
+        raise FormatError(f"qcow2: bad magic {bytes(head[:4])!r}, not a qcow2 image")
+
+
+def header_basics(head: bytes | bytearray) -> int:
+    """The cluster size, from the first 72 bytes (magic, version and cluster_bits checked):
+    how many bytes `parse_header` needs."""
+    check_magic(head)
+    _, version, _, _, cluster_bits = struct.unpack_from(">4sIQII", head)
+    if version not in (2, 3):
+        raise FormatError(f"qcow2: unsupported version {version} (2 and 3 are)")
+    if not MIN_CLUSTER_BITS <= cluster_bits <= MAX_CLUSTER_BITS:
+        raise FormatError(
+            f"qcow2: cluster_bits {cluster_bits} is outside {MIN_CLUSTER_BITS}..{MAX_CLUSTER_BITS}"
+        )
+    return 1 << cluster_bits
+
+
+def parse_header(buf: bytes | bytearray, stream_length: int | None = None) -> Qcow2Header:
+    """Validate cluster 0 (`buf` holds at least the `header_basics` cluster size): fields,
+    extensions and backing file name, so that the decoder and the driver refuse the same
+    images with the same messages. `stream_length`, if known, refuses an L1 table past it."""
+    cs = header_basics(buf)
+    if len(buf) < cs:
+        raise ValueError(f"parse_header needs the whole {cs}-byte first cluster")
+    (
+        _,
+        version,
+        backing_offset,
+        backing_size,
+        cluster_bits,
+        size,
+        crypt_method,
+        l1_size,
+        l1_offset,
+        rt_offset,
+        rt_clusters,
+        nb_snapshots,
+        snapshots_offset,
+    ) = HEADER_V2.unpack_from(buf)
+    incompatible = compatible = autoclear = 0
+    header_length = V2_HEADER_LENGTH
+    refcount_order = 4
+    compression_type = COMPRESSION_ZLIB
+    if version == 3:
+        incompatible, compatible, autoclear, refcount_order, header_length = HEADER_V3.unpack_from(
+            buf, V2_HEADER_LENGTH
+        )
+        if header_length < V3_MIN_HEADER_LENGTH or header_length % 8 or header_length > cs:
+            raise FormatError(
+                f"qcow2: header_length {header_length} is invalid (a multiple of 8, "
+                f"at least {V3_MIN_HEADER_LENGTH}, within the {cs}-byte first cluster)"
+            )
+        if header_length > V3_MIN_HEADER_LENGTH:
+            compression_type = buf[V3_MIN_HEADER_LENGTH]
+    if crypt_method:
+        raise FormatError(
+            f"qcow2: encrypted images are not supported (crypt_method {crypt_method})"
+        )
+    if incompatible & INCOMPAT_CORRUPT:
+        raise FormatError("qcow2: the image is marked corrupt (incompatible feature bit 1)")
+    if incompatible & INCOMPAT_DATA_FILE:
+        raise FormatError(
+            "qcow2: images with an external data file are not supported "
+            "(incompatible feature bit 2)"
+        )
+    if incompatible & ~INCOMPAT_KNOWN:
+        raise FormatError(
+            f"qcow2: unknown incompatible features {incompatible & ~INCOMPAT_KNOWN:#x}"
+        )
+    if bool(incompatible & INCOMPAT_COMPRESSION) != (compression_type != COMPRESSION_ZLIB):
+        raise FormatError(
+            f"qcow2: compression_type {compression_type} contradicts incompatible feature bit 3"
+        )
+    if compression_type not in (COMPRESSION_ZLIB, COMPRESSION_ZSTD):
+        raise FormatError(f"qcow2: unknown compression_type {compression_type}")
+    extended_l2 = bool(incompatible & INCOMPAT_EXTENDED_L2)
+    if extended_l2 and cluster_bits < EXTENDED_L2_MIN_CLUSTER_BITS:
+        raise FormatError(
+            f"qcow2: extended L2 entries need clusters of at least 16 KiB, not {cs} bytes"
+        )
+    if refcount_order > 6:
+        raise FormatError(f"qcow2: refcount_order {refcount_order} is above 6")
+    if size > MAX_VIRTUAL_SIZE:
+        raise FormatError(f"qcow2: virtual size {size} is absurd (limit {MAX_VIRTUAL_SIZE})")
+    l2_entries = cs // (16 if extended_l2 else 8)
+    span = cs * l2_entries
+    l1_needed = (size + span - 1) // span
+
+    l1_bytes = l1_size * 8
+    if l1_bytes > MAX_L1_BYTES:
+        raise FormatError(
+            f"qcow2: L1 table of {l1_size} entries ({l1_bytes} bytes) exceeds the "
+            f"{MAX_L1_BYTES >> 20} MiB limit"
+        )
+    if l1_size < l1_needed:
+        raise FormatError(
+            f"qcow2: L1 table of {l1_size} entries is too small for the virtual size "
+            f"{size} ({l1_needed} needed)"
+        )
+    rt_bytes = rt_clusters * cs
+    if rt_bytes > MAX_REFCOUNT_TABLE_BYTES:
+        raise FormatError(
+            f"qcow2: refcount table of {rt_clusters} clusters ({rt_bytes} bytes) exceeds "
+            f"the {MAX_REFCOUNT_TABLE_BYTES >> 20} MiB limit"
+        )
+    if rt_clusters == 0:
+        raise FormatError("qcow2: the image has no refcount table")
+    for name, offset in (("L1 table", l1_offset), ("refcount table", rt_offset)):
+        if offset % cs:
+            raise FormatError(f"qcow2: {name} offset {offset:#x} is not cluster-aligned")
+        if offset >= MAX_HOST_OFFSET:
+            raise FormatError(f"qcow2: {name} offset {offset:#x} is beyond 64 PiB")
+    if nb_snapshots and snapshots_offset % cs:
+        raise FormatError(
+            f"qcow2: snapshot table offset {snapshots_offset:#x} is not cluster-aligned"
+        )
+    l1_end = l1_offset + l1_bytes
+    l1_cluster_end = -(-l1_end // cs) * cs
+    rt_end = rt_offset + rt_bytes
+    if rt_offset < cs:
+        raise FormatError("qcow2: the refcount table overlaps the header")
+    if l1_size and l1_offset < cs:
+        raise FormatError("qcow2: the L1 table overlaps the header")
+    if l1_size and l1_offset < rt_end and rt_offset < l1_cluster_end:
+        raise FormatError("qcow2: the L1 table overlaps the refcount table")
+    if stream_length is not None and l1_end > stream_length:
+        raise FormatError(
+            f"qcow2: the L1 table at host offset {l1_offset:#x} is beyond the end of the "
+            f"image ({stream_length} bytes)"
+        )
+
+    backing_format = _backing_format(buf, header_length, backing_offset, cs)
+    backing_file = None
+    if backing_offset and backing_size:
+        if backing_size > MAX_BACKING_NAME:
+            raise FormatError(f"qcow2: backing file name of {backing_size} bytes is too long")
+        if backing_offset < header_length or backing_offset + backing_size > cs:
+            raise FormatError(
+                f"qcow2: backing file name at {backing_offset:#x} is outside the first cluster"
+            )
+        name = buf[backing_offset : backing_offset + backing_size]
+        backing_file = name.decode("utf-8", "replace")
+    return Qcow2Header(
+        version=version,
+        cluster_bits=cluster_bits,
+        cluster_size=cs,
+        virtual_size=size,
+        l1_size=l1_size,
+        l1_table_offset=l1_offset,
+        refcount_table_offset=rt_offset,
+        refcount_table_clusters=rt_clusters,
+        nb_snapshots=nb_snapshots,
+        snapshots_offset=snapshots_offset,
+        incompatible_features=incompatible,
+        compatible_features=compatible,
+        autoclear_features=autoclear,
+        refcount_order=refcount_order,
+        header_length=header_length,
+        compression_type=compression_type,
+        extended_l2=extended_l2,
+        l2_entries=l2_entries,
+        l1_needed=l1_needed,
+        backing_file=backing_file,
+        backing_format=backing_format,
+    )
+
+
+def _backing_format(
+    buf: bytes | bytearray, start: int, backing_offset: int, cluster_size: int
+) -> str | None:
+    """The backing format extension's value, if any, after checking that every header
+    extension up to the end marker fits before the backing file name."""
+    end = min(backing_offset if backing_offset else cluster_size, cluster_size)
+    backing_format = None
+    pos = start
+    while pos + EXTENSION.size <= end:
+        kind, length = EXTENSION.unpack_from(buf, pos)
+        if kind == EXT_END:
+            break
+        data_start = pos + EXTENSION.size
+        if data_start + length > end:
+            raise FormatError(
+                f"qcow2: header extension {kind:#x} of {length} bytes runs past the end "
+                f"of the header area ({end} bytes)"
+            )
+        if kind == EXT_BACKING_FORMAT:
+            backing_format = buf[data_start : data_start + length].decode("utf-8", "replace")
+        pos = data_start + (length + 7) // 8 * 8
+    return backing_format
+
+
+L1_MISALIGNED = "qcow2: L1 entry {index} points to {offset:#x}, not cluster-aligned"
+
+
+def parse_l1(
+    table: array, cluster_size: int, stop: int | None = None, *, misaligned: str = L1_MISALIGNED
+) -> Iterator[tuple[int, int]]:
+    """(L1 index, host offset) of each L2 table an L1 table (host-order entries) maps,
+    among its first `stop` entries. FormatError for reserved bits or an unaligned offset
+    (`misaligned` is the message, formatted with index and offset). Zero entries are
+    skipped in C and a good entry costs one test; lazy, so that a caller's own checks of
+    an entry come before those of the next entry."""
+    bad = L1E_RESERVED | ((cluster_size - 1) & OFFSET_MASK)
+    for index, entry in itertools.compress(enumerate(table), itertools.islice(table, stop)):
+        if entry & bad:
+            if entry & L1E_RESERVED:
+                raise FormatError(f"qcow2: L1 entry {index} ({entry:#x}) has reserved bits set")
+            raise FormatError(misaligned.format(index=index, offset=entry & OFFSET_MASK))
+        offset = entry & OFFSET_MASK
+        if offset:
+            yield index, offset
+
+
+def inflate_cluster(
+    data: bytes | memoryview, cluster_size: int, compression_type: int, guest: int, host: int
+) -> bytes:
+    """One compressed cluster: exactly cluster_size bytes, or the image is refused (so a
+    small stream cannot inflate into more than the disk it describes)."""
+    cs = cluster_size
+    where = f"the compressed cluster for guest offset {guest:#x} at host offset {host:#x}"
+    try:
+        if compression_type == COMPRESSION_ZLIB:
+            out = zlib.decompressobj(-15).decompress(data, cs + 1)
+        else:
+            out = _zstd_inflate(bytes(data), cs + 1)
+    except (zlib.error, zstandard.ZstdError, ValueError) as exc:
+        raise FormatError(f"qcow2: {where} does not decompress: {exc}") from None
+    if len(out) > cs:
+        raise FormatError(f"qcow2: {where} decompresses to more than a cluster ({cs} bytes)")
+    if len(out) < cs:
+        raise FormatError(
+            f"qcow2: {where} decompresses to {len(out)} bytes, not a cluster ({cs} bytes)"
+        )
+    return out
+
+
+# -- decoder -------------------------------------------------------------------------------
 
 
 class _Batch:
@@ -414,10 +692,9 @@ class Qcow2Decoder:
         buf += view[:take]
         self._pos += take
         view = view[take:]
-        if len(buf) >= 4 and buf[:4] != MAGIC:
-            raise FormatError(f"qcow2: bad magic {bytes(buf[:4])!r}, not a qcow2 image")
+        check_magic(buf)
         if not self.cluster_size and len(buf) >= V2_HEADER_LENGTH:
-            self._check_basics(buf)
+            self.cluster_size = header_basics(buf)
             take = min(self.cluster_size - len(buf), len(view))
             buf += view[:take]
             self._pos += take
@@ -428,147 +705,33 @@ class Qcow2Decoder:
             self._header_done = True
         return view
 
-    def _check_basics(self, buf: bytearray) -> None:
-        _, version, _, _, cluster_bits = struct.unpack_from(">4sIQII", buf)
-        if version not in (2, 3):
-            raise FormatError(f"qcow2: unsupported version {version} (2 and 3 are)")
-        if not MIN_CLUSTER_BITS <= cluster_bits <= MAX_CLUSTER_BITS:
-            raise FormatError(
-                f"qcow2: cluster_bits {cluster_bits} is outside "
-                f"{MIN_CLUSTER_BITS}..{MAX_CLUSTER_BITS}"
-            )
-        self.version = version
-        self.cluster_bits = cluster_bits
-        self.cluster_size = 1 << cluster_bits
-
     def _parse_header(self, buf: bytes) -> None:
-        (
-            _,
-            version,
-            backing_offset,
-            backing_size,
-            cluster_bits,
-            size,
-            crypt_method,
-            l1_size,
-            l1_offset,
-            rt_offset,
-            rt_clusters,
-            nb_snapshots,
-            snapshots_offset,
-        ) = HEADER_V2.unpack_from(buf)
-        cs = self.cluster_size
-        incompatible = 0
-        header_length = V2_HEADER_LENGTH
-        refcount_order = 4
-        compression_type = COMPRESSION_ZLIB
-        if version == 3:
-            incompatible, _, _, refcount_order, header_length = HEADER_V3.unpack_from(
-                buf, V2_HEADER_LENGTH
-            )
-            if header_length < V3_MIN_HEADER_LENGTH or header_length % 8 or header_length > cs:
-                raise FormatError(
-                    f"qcow2: header_length {header_length} is invalid (a multiple of 8, "
-                    f"at least {V3_MIN_HEADER_LENGTH}, within the {cs}-byte first cluster)"
-                )
-            if header_length > V3_MIN_HEADER_LENGTH:
-                compression_type = buf[V3_MIN_HEADER_LENGTH]
-        if crypt_method:
-            raise FormatError(
-                f"qcow2: encrypted images are not supported (crypt_method {crypt_method})"
-            )
-        if incompatible & INCOMPAT_CORRUPT:
-            raise FormatError("qcow2: the image is marked corrupt (incompatible feature bit 1)")
-        if incompatible & INCOMPAT_DATA_FILE:
-            raise FormatError(
-                "qcow2: images with an external data file are not supported "
-                "(incompatible feature bit 2)"
-            )
-        if incompatible & ~INCOMPAT_KNOWN:
-            raise FormatError(
-                f"qcow2: unknown incompatible features {incompatible & ~INCOMPAT_KNOWN:#x}"
-            )
-        if bool(incompatible & INCOMPAT_COMPRESSION) != (compression_type != COMPRESSION_ZLIB):
-            raise FormatError(
-                f"qcow2: compression_type {compression_type} contradicts incompatible feature bit 3"
-            )
-        if compression_type not in (COMPRESSION_ZLIB, COMPRESSION_ZSTD):
-            raise FormatError(f"qcow2: unknown compression_type {compression_type}")
-        self.extended_l2 = bool(incompatible & INCOMPAT_EXTENDED_L2)
-        if self.extended_l2 and cluster_bits < EXTENDED_L2_MIN_CLUSTER_BITS:
-            raise FormatError(
-                f"qcow2: extended L2 entries need clusters of at least 16 KiB, not {cs} bytes"
-            )
-        if refcount_order > 6:
-            raise FormatError(f"qcow2: refcount_order {refcount_order} is above 6")
-        if size > MAX_VIRTUAL_SIZE:
-            raise FormatError(f"qcow2: virtual size {size} is absurd (limit {MAX_VIRTUAL_SIZE})")
-        self.compression_type = compression_type
-        self.virtual_size = size
-        self.nb_snapshots = nb_snapshots
-        self._l2_entries = cs // (16 if self.extended_l2 else 8)
-        span = cs * self._l2_entries
-        self._l1_needed = (size + span - 1) // span
-
-        l1_bytes = l1_size * 8
-        if l1_bytes > MAX_L1_BYTES:
-            raise FormatError(
-                f"qcow2: L1 table of {l1_size} entries ({l1_bytes} bytes) exceeds the "
-                f"{MAX_L1_BYTES >> 20} MiB limit"
-            )
-        if l1_size < self._l1_needed:
-            raise FormatError(
-                f"qcow2: L1 table of {l1_size} entries is too small for the virtual size "
-                f"{size} ({self._l1_needed} needed)"
-            )
-        rt_bytes = rt_clusters * cs
-        if rt_bytes > MAX_REFCOUNT_TABLE_BYTES:
-            raise FormatError(
-                f"qcow2: refcount table of {rt_clusters} clusters ({rt_bytes} bytes) exceeds "
-                f"the {MAX_REFCOUNT_TABLE_BYTES >> 20} MiB limit"
-            )
-        if rt_clusters == 0:
-            raise FormatError("qcow2: the image has no refcount table")
-        for name, offset in (("L1 table", l1_offset), ("refcount table", rt_offset)):
-            if offset % cs:
-                raise FormatError(f"qcow2: {name} offset {offset:#x} is not cluster-aligned")
-            if offset >= MAX_HOST_OFFSET:
-                raise FormatError(f"qcow2: {name} offset {offset:#x} is beyond 64 PiB")
-        if nb_snapshots and snapshots_offset % cs:
-            raise FormatError(
-                f"qcow2: snapshot table offset {snapshots_offset:#x} is not cluster-aligned"
-            )
-        l1_end = l1_offset + l1_bytes
+        """The header (checked by parse_header) and the claims of the tables it points to."""
+        header = parse_header(buf, self._stream_length)
+        cs = header.cluster_size
+        self.version = header.version
+        self.cluster_bits = header.cluster_bits
+        self.virtual_size = header.virtual_size
+        self.compression_type = header.compression_type
+        self.extended_l2 = header.extended_l2
+        self.nb_snapshots = header.nb_snapshots
+        self.backing_file = header.backing_file
+        self.backing_format = header.backing_format
+        self._l2_entries = header.l2_entries
+        self._l1_needed = header.l1_needed
+        l1_offset, l1_size = header.l1_table_offset, header.l1_size
+        rt_offset = header.refcount_table_offset
+        l1_end = l1_offset + l1_size * 8
         l1_cluster_end = -(-l1_end // cs) * cs
-        rt_end = rt_offset + rt_bytes
-        if rt_offset < cs:
-            raise FormatError("qcow2: the refcount table overlaps the header")
-        if l1_size and l1_offset < cs:
-            raise FormatError("qcow2: the L1 table overlaps the header")
-        if l1_size and l1_offset < rt_end and rt_offset < l1_cluster_end:
-            raise FormatError("qcow2: the L1 table overlaps the refcount table")
+        rt_end = rt_offset + header.refcount_table_clusters * cs
         self._static = [(0, cs, "header"), (rt_offset, rt_end, "refcount table")]
         if l1_size:
             self._static.append((l1_offset, l1_cluster_end, "L1 table"))
-        if self._stream_length is not None and l1_end > self._stream_length:
-            raise FormatError(
-                f"qcow2: the L1 table at host offset {l1_offset:#x} is beyond the end of the "
-                f"image ({self._stream_length} bytes)"
-            )
 
-        self._parse_extensions(buf, header_length, backing_offset)
-        if backing_offset and backing_size:
-            if backing_size > MAX_BACKING_NAME:
-                raise FormatError(f"qcow2: backing file name of {backing_size} bytes is too long")
-            if backing_offset < header_length or backing_offset + backing_size > cs:
-                raise FormatError(
-                    f"qcow2: backing file name at {backing_offset:#x} is outside the first cluster"
-                )
-            name = buf[backing_offset : backing_offset + backing_size]
-            self.backing_file = name.decode("utf-8", "replace")
-
-        self._spilled = _SpillMap(cluster_bits)
-        self._out.append(Header(virtual_size=size, whole_image=self.backing_file is None))
+        self._spilled = _SpillMap(header.cluster_bits)
+        self._out.append(
+            Header(virtual_size=header.virtual_size, whole_image=self.backing_file is None)
+        )
         if l1_size:
             starts, ends, tags = [l1_offset], [l1_end], [0]
             if l1_cluster_end > l1_end:  # the rest of the last L1 cluster is padding
@@ -579,26 +742,6 @@ class Qcow2Decoder:
         else:
             self._l1_parsed = True
         self._push(_Batch(_REFCOUNT_TABLE, [rt_offset], [rt_end], [0]))
-
-    def _parse_extensions(self, buf: bytes, start: int, backing_offset: int) -> None:
-        end = backing_offset if backing_offset else len(buf)
-        end = min(end, len(buf))
-        pos = start
-        while pos + EXTENSION.size <= end:
-            kind, length = EXTENSION.unpack_from(buf, pos)
-            if kind == EXT_END:
-                return
-            data_start = pos + EXTENSION.size
-            if data_start + length > end:
-                raise FormatError(
-                    f"qcow2: header extension {kind:#x} of {length} bytes runs past the end "
-                    f"of the header area ({end} bytes)"
-                )
-            if kind == EXT_BACKING_FORMAT:
-                self.backing_format = buf[data_start : data_start + length].decode(
-                    "utf-8", "replace"
-                )
-            pos = data_start + (length + 7) // 8 * 8
 
     # -- claims ----------------------------------------------------------------------------
 
@@ -918,18 +1061,7 @@ class Qcow2Decoder:
         cs = self.cluster_size
         starts: list[int] = []
         tags: list[int] = []
-        for index, entry in enumerate(_be_u64_array(data)):
-            if not entry:
-                continue
-            if entry & L1E_RESERVED:
-                raise FormatError(f"qcow2: L1 entry {index} ({entry:#x}) has reserved bits set")
-            offset = entry & OFFSET_MASK
-            if not offset:
-                continue
-            if offset % cs:
-                raise FormatError(
-                    f"qcow2: L1 entry {index} points to {offset:#x}, not cluster-aligned"
-                )
+        for index, offset in parse_l1(_be_u64_array(data), cs):
             tag = index if index < self._l1_needed else IGNORED
             what = _describe(_L2_TABLES, tag)
             self._check_static(offset, offset + cs, what)
@@ -1078,30 +1210,12 @@ class Qcow2Decoder:
                 if data is None:
                     assert self._spill is not None
                     data = self._spill.read(item.host, item.length)
-                cluster = self._inflate(data, item.guest, item.host)
+                cluster = inflate_cluster(
+                    data, self.cluster_size, self.compression_type, item.guest, item.host
+                )
                 yield Write(item.guest, cluster[: self.virtual_size - item.guest])
             else:
                 yield item
-
-    def _inflate(self, data: bytes | memoryview, guest: int, host: int) -> bytes:
-        """One compressed cluster: exactly cluster_size bytes, or the image is refused (so a
-        small stream cannot inflate into more than the disk it describes)."""
-        cs = self.cluster_size
-        where = f"the compressed cluster for guest offset {guest:#x} at host offset {host:#x}"
-        try:
-            if self.compression_type == COMPRESSION_ZLIB:
-                out = zlib.decompressobj(-15).decompress(data, cs + 1)
-            else:
-                out = _zstd_inflate(bytes(data), cs + 1)
-        except (zlib.error, zstandard.ZstdError, ValueError) as exc:
-            raise FormatError(f"qcow2: {where} does not decompress: {exc}") from None
-        if len(out) > cs:
-            raise FormatError(f"qcow2: {where} decompresses to more than a cluster ({cs} bytes)")
-        if len(out) < cs:
-            raise FormatError(
-                f"qcow2: {where} decompresses to {len(out)} bytes, not a cluster ({cs} bytes)"
-            )
-        return out
 
 
 def _bit_runs(mask: int) -> list[tuple[int, int]]:

@@ -22,9 +22,9 @@ New clusters are taken first-fit from the refcounts, as one contiguous run per w
 tables a write needs are allocated before its data), so a sequentially written disk maps to
 long host runs that an export can sendfile.
 
-Header parsing and validation reuse the streaming decoder (formats.qcow2.Qcow2Decoder fed
-the first cluster), new images are the streaming encoder's empty layout (qcow2_layout), and
-compressed clusters are inflated by the decoder's `_inflate` (private there, wrapped here).
+The header, the L1 entries and compressed clusters are parsed by the functions the
+streaming decoder uses (formats.qcow2: parse_header, parse_l1, inflate_cluster), so both
+refuse the same images; new images are the streaming encoder's empty layout (qcow2_layout).
 """
 
 from __future__ import annotations
@@ -46,11 +46,7 @@ from formats.driver import DATA, PARENT, ZERO
 from formats.errors import FormatError
 from formats.layout import Literal
 from formats.qcow2 import (
-    HEADER_V2,
-    HEADER_V3,
     INCOMPAT_DIRTY,
-    INCOMPAT_EXTENDED_L2,
-    L1E_RESERVED,
     L2E_COMPRESSED,
     L2E_COPIED,
     L2E_STANDARD_RESERVED,
@@ -60,7 +56,11 @@ from formats.qcow2 import (
     RTE_RESERVED,
     SECTOR,
     V2_HEADER_LENGTH,
-    Qcow2Decoder,
+    check_magic,
+    header_basics,
+    inflate_cluster,
+    parse_header,
+    parse_l1,
     qcow2_layout,
 )
 
@@ -72,6 +72,11 @@ _HEADER_AUTOCLEAR = 88  # byte offset of autoclear_features in a v3 header
 _HEADER_REFCOUNT_TABLE = struct.Struct(">QI")  # refcount_table_offset, _clusters at byte 48
 _HEADER_REFCOUNT_TABLE_AT = 48
 _BACKING_FORMATS = ("raw", "qcow2")
+# The decoder names an unaligned L1 entry by its index; the driver by the table, as it
+# names every other unaligned cluster (_check_cluster).
+_L1_MISALIGNED = (
+    "qcow2: the L2 table of L1 entry {index} at host offset {offset:#x} is not cluster-aligned"
+)
 
 # What a run of guest clusters is in this layer (see Qcow2Image._runs).
 _UNALLOCATED, _ZERO, _ZERO_ALLOCATED, _DATA, _COMPRESSED = range(5)
@@ -260,73 +265,66 @@ class Qcow2Image:
         self.read_parent = value
 
     def _load_header(self) -> None:
-        """The decoder validates what a streamed image needs; the driver adds what writing
-        in place needs."""
+        """parse_header validates what a streamed image needs too; the driver adds what
+        writing in place needs."""
         self._file_size = os.fstat(self.fd).st_size
-        decoder = Qcow2Decoder(stream_length=self._file_size)
         head = os.pread(self.fd, V2_HEADER_LENGTH, 0)
-        list(decoder.feed(head))  # magic, version, cluster size
+        check_magic(head)
         if len(head) < V2_HEADER_LENGTH:
             raise FormatError(f"qcow2: the file is {len(head)} bytes, too short for a header")
-        cs = decoder.cluster_size
+        cs = header_basics(head)
         rest = os.pread(self.fd, cs - V2_HEADER_LENGTH, V2_HEADER_LENGTH)
         if len(rest) < cs - V2_HEADER_LENGTH:
             raise FormatError(
                 f"qcow2: the file is {self._file_size} bytes, shorter than its first "
                 f"cluster ({cs} bytes)"
             )
-        list(decoder.feed(rest))  # the whole header
-        self._decoder = decoder
-        header = head + rest
-        (_, version, _, _, cluster_bits, size, _, l1_size, l1_offset, rt_offset, rt_clusters,
-         nb_snapshots, _) = HEADER_V2.unpack_from(header)  # fmt: skip
-        incompatible = autoclear = 0
-        refcount_order = 4
-        if version >= 3:
-            incompatible, _, autoclear, refcount_order, _ = HEADER_V3.unpack_from(
-                header, V2_HEADER_LENGTH
-            )
-        if incompatible & INCOMPAT_EXTENDED_L2:
+        header = parse_header(head + rest, self._file_size)
+        if header.extended_l2:
             raise FormatError(
                 "qcow2: images with extended L2 entries (subclusters) are not supported"
             )
         if self.writable:
-            if version != 3:
-                raise FormatError(f"qcow2: version {version} images can only be opened read-only")
-            if incompatible & INCOMPAT_DIRTY:
+            if header.version != 3:
+                raise FormatError(
+                    f"qcow2: version {header.version} images can only be opened read-only"
+                )
+            if header.incompatible_features & INCOMPAT_DIRTY:
                 raise FormatError(
                     "qcow2: the image is dirty (lazy refcounts were not written back): repair "
                     "it with qemu-img check -r all before writing"
                 )
-            if refcount_order != 4:
+            if header.refcount_order != 4:
                 raise FormatError(
-                    f"qcow2: {1 << refcount_order}-bit refcounts can only be read (writing "
-                    "needs 16-bit refcounts)"
+                    f"qcow2: {1 << header.refcount_order}-bit refcounts can only be read "
+                    "(writing needs 16-bit refcounts)"
                 )
-            if nb_snapshots:
+            if header.nb_snapshots:
                 raise FormatError(
-                    f"qcow2: the image has {nb_snapshots} internal snapshots and can only be read"
+                    f"qcow2: the image has {header.nb_snapshots} internal snapshots and can "
+                    "only be read"
                 )
-        self.version = version
+        self.version = header.version
         self.cluster_size = cs
-        self.cluster_bits = cluster_bits
-        self.virtual_size = size
-        self.backing_file = decoder.backing_file
-        self.backing_format = decoder.backing_format
-        self._autoclear = autoclear
-        self._l2_entries = cs // 8
-        self._clusters = -(-size // cs)  # guest clusters of the disk
-        self._l1_needed = -(-self._clusters // self._l2_entries)
-        self._l1_size = l1_size
-        self._l1_offset = l1_offset
-        self._rt_offset = rt_offset
-        self._rt_clusters = rt_clusters
+        self.cluster_bits = header.cluster_bits
+        self.virtual_size = header.virtual_size
+        self.backing_file = header.backing_file
+        self.backing_format = header.backing_format
+        self._compression_type = header.compression_type
+        self._autoclear = header.autoclear_features
+        self._l2_entries = header.l2_entries
+        self._clusters = -(-header.virtual_size // cs)  # guest clusters of the disk
+        self._l1_needed = header.l1_needed
+        self._l1_size = header.l1_size
+        self._l1_offset = header.l1_table_offset
+        self._rt_offset = header.refcount_table_offset
+        self._rt_clusters = header.refcount_table_clusters
         self._rb_entries = cs // 2  # 16-bit refcounts (only writing needs this width)
-        rt_end = rt_offset + rt_clusters * cs
+        rt_end = self._rt_offset + self._rt_clusters * cs
         if rt_end > self._file_size:
             raise FormatError(
-                f"qcow2: the refcount table at host offset {rt_offset:#x} ends beyond the end "
-                f"of the file ({self._file_size} bytes)"
+                f"qcow2: the refcount table at host offset {self._rt_offset:#x} ends beyond "
+                f"the end of the file ({self._file_size} bytes)"
             )
 
     def _load_tables(self) -> None:
@@ -344,15 +342,8 @@ class Qcow2Image:
         if self._l1_size:
             l1_first = self._l1_offset // cs
             meta.append((l1_first, -(-(self._l1_offset + self._l1_size * 8) // cs), "the L1 table"))
-        for index in range(self._l1_needed):
-            entry = self._l1[index]
-            if not entry:
-                continue
-            if entry & L1E_RESERVED:
-                raise FormatError(f"qcow2: L1 entry {index} ({entry:#x}) has reserved bits set")
-            offset = entry & OFFSET_MASK
-            if not offset:
-                continue
+        l2_tables = parse_l1(self._l1, cs, self._l1_needed, misaligned=_L1_MISALIGNED)
+        for index, offset in l2_tables:
             what = f"the L2 table of L1 entry {index}"
             self._check_cluster(offset, what)
             meta.append((offset // cs, offset // cs + 1, what))
@@ -628,8 +619,9 @@ class Qcow2Image:
             return self._inflated[1]
         host, end = self._compressed_range(entry)
         data = os.pread(self.fd, min(end, self._file_size) - host, host)
-        # Qcow2Decoder._inflate: exactly one cluster, zlib or zstd, or FormatError.
-        out = self._decoder._inflate(data, cluster * self.cluster_size, host)
+        out = inflate_cluster(
+            data, self.cluster_size, self._compression_type, cluster * self.cluster_size, host
+        )
         self._inflated = (entry, out)
         return out
 
