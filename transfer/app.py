@@ -23,11 +23,11 @@ from auth.sessions import (
 )
 from auth.users import UserStore
 from common.logfields import LOG_FIELDS
-from transfer import __version__, resume, storage
+from transfer import __version__, checkpoints, files
 from transfer.config import Config
 from transfer.db import open_database
-from transfer.handlers import records, session, transfers, users
 from transfer.handlers.errors import errors_as_json
+from transfer.handlers.routes import add_routes
 from transfer.hosts import HostService, load_or_create_host_uuid
 from transfer.logs import event, redact_query
 from transfer.services import SERVICES, Services
@@ -159,9 +159,9 @@ def create_app(config: Config) -> web.Application:
             srs = [Path(row["path"]) for row in await svc.srs.list() if svc.srs.owner(row) is None]
             await svc.tasks.expire_uploads(config.upload_ttl)
             # Checkpoints of uploads that ended, here or (a cancel, an expiry) elsewhere.
-            saved = await storage.in_thread(resume.saved_tasks, config.state_dir)
+            saved = await files.in_thread(checkpoints.saved_tasks, config.state_dir)
             for task in await svc.tasks.finished_among(saved):
-                await storage.in_thread(resume.discard, config.state_dir, task, srs)
+                await files.in_thread(checkpoints.discard, config.state_dir, task, srs)
 
         await collect_garbage()
         loops = [
@@ -195,8 +195,5 @@ def create_app(config: Config) -> web.Application:
 
     app.cleanup_ctx.append(lifecycle)
     app.on_shutdown.append(on_shutdown)
-    app.add_routes(session.routes)
-    app.add_routes(users.routes)
-    app.add_routes(records.routes)
-    transfers.add_routes(app)
+    add_routes(app)
     return app

@@ -200,7 +200,7 @@ def _sr(args: argparse.Namespace, config: Config) -> int:
 
 def _vdi(args: argparse.Namespace, config: Config) -> int:
     from transfer import verify
-    from transfer.storage import in_thread
+    from transfer.files import in_thread
 
     async def check(svc: Any) -> int:
         row = await svc.vdis.get(args.vdi)

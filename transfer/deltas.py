@@ -17,8 +17,8 @@ from formats.driver import DATA, ZERO
 from formats.registry import FORMATS
 from transfer import layers
 from transfer.db import Row
+from transfer.files import in_thread
 from transfer.services import Services
-from transfer.storage import in_thread
 
 COMPARE_BLOCK = 1 << 20
 

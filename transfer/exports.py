@@ -1,51 +1,77 @@
 """The export operation: lay out the whole output before the first byte (so its length, ETag
 and any byte range are known), then send the asked range from disk, off the loop.
 
+    async with opened(svc, vdi, ...) as export:   a read lease, the checks, the layout
+        await export.start(user)                   the task
+        await export.send(sink, start, end)        bytes [start, end) out; the task ends
+
 Data extents come from the filesystem (SEEK_DATA/SEEK_HOLE): holes are sent as zeros without
-reading the disk, and the chunk-framed variant carries only the data extents.
+reading the disk, and the chunk-framed variant carries only the data extents. The HTTP edge
+(handlers/transfers.py) owns Range, headers and the connection; it hands over a `Sink`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import os
 import select
 import threading
 import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass
-
-from aiohttp import web
+from collections.abc import AsyncIterator, Iterator
+from typing import Protocol
 
 from common.errors import bad_request
 from formats.chain import READ, Chain
 from formats.driver import DATA
 from formats.layout import Data, Derived, Literal, OutputLayout, Piece, Zero
 from formats.registry import RAW, Format, Identity, wire
-from transfer import deltas, layers, storage
+from transfer import deltas, layers
 from transfer.db import Row
-from transfer.diskio import READ_SIZE
+from transfer.files import in_thread
 from transfer.services import Services
 from transfer.tasks import Transfer
 
 log = logging.getLogger("vdi_transfer.export")
 
+READ_SIZE = 4 << 20  # bytes per disk read (and per piece) when the body is not sendfile'd
+SENDFILE_SLICE = 64 << 20  # bytes per worker-thread call; progress is reported between
 _ZEROS = memoryview(bytes(READ_SIZE))
 
 
-@dataclass
-class ExportPlan:
-    vdi: Row
-    wire: Format  # what is sent: the format, or chunk framing of raw data
-    base: Row | None
-    layout: OutputLayout
-    etag: str
-    chain: Chain  # the VDI's layers, open read-only until the export is done: close() it
+class Sink(Protocol):
+    """Where an export's bytes go: the HTTP response, as the edge offers it."""
 
-    async def close(self) -> None:
-        await storage.in_thread(layers.close_chain, self.chain)
+    async def begin(self) -> None:
+        """Send what comes before the body (status line and headers)."""
+
+    async def write(self, data: bytes | memoryview) -> None: ...
+
+    async def socket(self) -> int | None:
+        """A duplicate of the connection's socket fd, with nothing queued before it, for
+        sendfile(2) (the caller closes it); None where bytes must go through `write`."""
+
+
+class Export:
+    """One export of a VDI, laid out; its chain stays open (read-only) until it is closed."""
+
+    def __init__(
+        self, svc: Services, vdi: Row, sent: Format, layout: OutputLayout, etag: str, chain: Chain
+    ):
+        self.svc = svc
+        self.vdi = vdi
+        self.wire = sent  # what is sent: the format, or chunk framing of raw data
+        self.layout = layout
+        self.etag = etag
+        self.chain = chain
+        self.transfer: Transfer | None = None
+        self.task_ref = ""
+
+    @property
+    def length(self) -> int:
+        return self.layout.length
 
     @property
     def content_type(self) -> str:
@@ -56,18 +82,147 @@ class ExportPlan:
     def filename(self) -> str:
         return f"{self.vdi['uuid']}.{self.wire.name}"
 
+    @property
+    def task(self) -> str:
+        assert self.transfer is not None
+        return self.transfer.task
+
+    async def start(self, user: str) -> None:
+        """A task for the transfer of the body."""
+        self.transfer = await self.svc.tasks.begin(
+            None, f"export_raw_vdi {self.vdi['uuid']}", user, self.vdi["uuid"]
+        )
+        self.task_ref = (await self.svc.tasks.get(self.task))["ref"]
+
+    async def send(self, sink: Sink, start: int, end: int) -> int:
+        """Output bytes [start, end) into the sink, under the task, which ends with it;
+        returns the bytes sent.
+
+        On a plain TCP socket the body goes out by sendfile(2) from a worker thread
+        (zero-copy from the page cache; uvloop has no loop.sendfile). Otherwise disk reads
+        run in worker threads, one read ahead of the socket."""
+        transfer = self.transfer
+        assert transfer is not None
+        async with self.svc.tasks.run(transfer):
+            await sink.begin()
+            try:
+                sock_fd = await sink.socket()
+                if sock_fd is None:
+                    sent = await self._send_with_reads(sink, start, end)
+                else:
+                    try:
+                        sent = await self._send_with_sendfile(sock_fd, start, end)
+                    finally:
+                        os.close(sock_fd)  # only after the worker thread is done with it
+            except ConnectionError as exc:
+                raise bad_request(
+                    f"the download stopped after {transfer.bytes} of {end - start} bytes: the "
+                    f"client closed the connection ({exc.strerror or exc})"
+                ) from None
+            await self.svc.tasks.succeed(transfer, None)
+        return sent
+
+    async def _send_with_sendfile(self, sock_fd: int, start: int, end: int) -> int:
+        loop = asyncio.get_running_loop()
+        transfer = self.transfer
+        assert transfer is not None
+        stop = threading.Event()
+        sent = [0]  # bytes on the wire, counted by the worker thread
+        total = end - start
+        blocks = _blocks(self.layout, start, end)
+        try:
+            while True:
+                group, size = [], 0
+                for block in blocks:
+                    group.append(block)
+                    size += block.length
+                    if size >= SENDFILE_SLICE:
+                        break
+                if not group:
+                    return sent[0]
+                future = loop.run_in_executor(
+                    None, _sendfile_blocks, sock_fd, self.chain, group, stop, sent
+                )
+                try:
+                    await asyncio.shield(future)
+                except asyncio.CancelledError:
+                    stop.set()  # the thread notices within 0.2 s; the fd must outlive it
+                    await asyncio.wait([future])
+                    if not future.cancelled():
+                        future.exception()  # it stopped because we asked: nothing to report
+                    raise
+                await self.svc.tasks.report(transfer, sent[0], sent[0] / total if total else 1.0)
+        finally:
+            transfer.bytes = sent[0]
+
+    async def _send_with_reads(self, sink: Sink, start: int, end: int) -> int:
+        loop = asyncio.get_running_loop()
+        transfer, source = self.transfer, self.chain
+        assert transfer is not None
+        total, sent = end - start, 0
+        pending: asyncio.Future | None = None
+
+        def read(block: Piece | None) -> asyncio.Future | None:
+            if isinstance(block, Derived):
+                return loop.run_in_executor(None, _render, source, block)
+            if not isinstance(block, Data):
+                return None
+            return loop.run_in_executor(None, source.read, block.offset, block.length)
+
+        try:
+            blocks = _blocks(self.layout, start, end)
+            block = next(blocks, None)
+            pending = read(block)
+            while block is not None:
+                following = next(blocks, None)
+                if isinstance(block, Data | Derived):
+                    assert pending is not None
+                    data = await pending
+                    if len(data) != block.length:
+                        raise OSError("short read: the VDI file was truncated")
+                elif isinstance(block, Literal):
+                    data = block.data
+                else:
+                    data = _ZEROS[: block.length]
+                pending = read(following)  # read ahead while this block goes out
+                await sink.write(data)
+                sent += len(data)
+                transfer.bytes = sent
+                await self.svc.tasks.report(transfer, sent, sent / total if total else 1.0)
+                block = following
+        finally:
+            if pending is not None:
+                await asyncio.wait([pending])
+        return sent
+
+
+@contextlib.asynccontextmanager
+async def opened(
+    svc: Services, vdi_uuid: str, fmt: str, chunked: bool, base_ident: str | None
+) -> AsyncIterator[Export]:
+    """The export of a VDI, laid out, for the time of the block. It holds a read lease on
+    the VDI (no writer on any host starts while it is laid out or sent) and its chain, open
+    once, read-only; both are let go at the end, whatever happens."""
+    lease = await svc.vdis.add_reader(vdi_uuid)
+    try:
+        export = await _plan(svc, vdi_uuid, fmt, chunked, base_ident)
+        try:
+            yield export
+        finally:
+            await asyncio.shield(in_thread(layers.close_chain, export.chain))
+    finally:
+        await asyncio.shield(svc.vdis.drop_reader(lease))
+
 
 def identity(vdi: Row) -> Identity:
     """What images record of the VDI, from the database: the same content, the same bytes."""
     return Identity(uuid.UUID(vdi["uuid"]), float(vdi["created"]))
 
 
-async def plan(
+async def _plan(
     svc: Services, vdi_ident: str, fmt: str, chunked: bool, base_ident: str | None
-) -> ExportPlan:
-    """Check the request and lay out the output. The caller holds a read claim on the VDI
-    (a lease: `svc.vdis.add_reader`) so no writer can start while it is being laid out or sent. The
-    VDI's chain is opened once, here, and stays open in the plan until `plan.close()`."""
+) -> Export:
+    """Check the request and lay out the output, with the VDI's chain open."""
     if chunked and fmt != RAW.name:
         raise bad_request(f"chunked= applies to format raw only, not {fmt}")
     sent = wire(fmt, chunked)
@@ -75,19 +230,19 @@ async def plan(
     svc.vdis.check_not_written(vdi)
     base = await svc.vdis.get(base_ident) if base_ident else None
     files = await svc.vdis.chain_files(vdi)
-    chain = await storage.in_thread(functools.partial(layers.open_chain, files, writable=False))
+    chain = await in_thread(functools.partial(layers.open_chain, files, writable=False))
     try:
         if base is not None and sent.delta_layout is not None:  # else: the whole disk
             changed = await deltas.changed_runs(svc, vdi, base, chain)
             layout = _lay(vdi, sent, sent.delta_layout, changed, identity(base))
             etag = f'"{vdi["uuid"]}.{vdi["generation"]}.{base["uuid"]}.{base["generation"]}.'
-            return ExportPlan(vdi, sent, base, layout, f'{etag}{sent.name}"', chain)
-        extents = await storage.in_thread(data_extents, chain)
+            return Export(svc, vdi, sent, layout, f'{etag}{sent.name}"', chain)
+        extents = await in_thread(data_extents, chain)
         layout = _lay(vdi, sent, sent.layout, extents)
         etag = f'"{vdi["uuid"]}.{vdi["generation"]}.{sent.name}"'
-        return ExportPlan(vdi, sent, base, layout, etag, chain)
+        return Export(svc, vdi, sent, layout, etag, chain)
     except BaseException:
-        await storage.in_thread(layers.close_chain, chain)
+        await in_thread(layers.close_chain, chain)
         raise
 
 
@@ -98,6 +253,29 @@ def _lay(vdi: Row, sent: Format, lay, runs: list, *base: Identity) -> OutputLayo
         return lay(vdi["virtual_size"], runs, identity(vdi), *base)
     except ValueError as exc:
         raise bad_request(f"VDI {vdi['uuid']} cannot be exported as {sent.name}: {exc}") from None
+
+
+async def extents(svc: Services, vdi: Row, base: Row | None) -> list[tuple[int, int, bool]]:
+    """(start, length, zero) runs covering the whole disk (data and holes); with a base,
+    only the runs that differ from it."""
+    if base is not None:
+        changed = await deltas.changed_runs(svc, vdi, base)
+        return [(start, n, kind != DATA) for start, n, kind in changed]
+    files = await svc.vdis.chain_files(vdi)
+    chain = await in_thread(functools.partial(layers.open_chain, files, writable=False))
+    try:
+        data = await in_thread(data_extents, chain)
+    finally:
+        await in_thread(layers.close_chain, chain)
+    out, pos = [], 0
+    for start, length in data:
+        if start > pos:
+            out.append((pos, start - pos, True))
+        out.append((start, length, False))
+        pos = start + length
+    if pos < vdi["virtual_size"]:
+        out.append((pos, vdi["virtual_size"] - pos, True))
+    return out
 
 
 def data_extents(chain: Chain) -> list[tuple[int, int]]:
@@ -118,101 +296,8 @@ def _blocks(layout: OutputLayout, start: int, end: int) -> Iterator[Piece]:
             pos += n
 
 
-async def send(
-    svc: Services,
-    plan: ExportPlan,
-    transfer: Transfer,
-    request: web.Request,
-    response: web.StreamResponse,
-    start: int,
-    end: int,
-) -> int:
-    """Write output bytes [start, end) to the prepared response; returns the bytes sent.
-
-    On a plain TCP socket the body goes out by sendfile(2) from a worker thread (zero-copy
-    from the page cache; uvloop has no loop.sendfile). Otherwise disk reads run in worker
-    threads, one read ahead of the socket."""
-    source = plan.chain
-    try:
-        sock_fd = await _idle_socket(request)
-        if sock_fd is None:
-            return await _send_with_reads(svc, plan, transfer, response, source, start, end)
-        try:
-            return await _send_with_sendfile(svc, plan, transfer, sock_fd, source, start, end)
-        finally:
-            os.close(sock_fd)  # only after the worker thread is done with it
-    except ConnectionError as exc:
-        raise bad_request(
-            f"the download stopped after {transfer.bytes} of {end - start} bytes: the client "
-            f"closed the connection ({exc.strerror or exc})"
-        ) from None
-
-
-async def _idle_socket(request: web.Request) -> int | None:
-    """A duplicate of the connection's socket fd, once everything aiohttp queued on it (the
-    headers) is out; None where sendfile cannot be used (TLS, no real socket). The caller
-    closes it."""
-    transport = request.transport
-    if transport is None or transport.get_extra_info("sslcontext") is not None:
-        return None
-    sock = transport.get_extra_info("socket")
-    if sock is None:
-        return None
-    for _ in range(1000):
-        if transport.get_write_buffer_size() == 0:
-            # A duplicate, owned by us: if the peer goes away the event loop closes its fd,
-            # and that number may at once belong to another client's connection. Writing
-            # through our own fd can only ever reach this connection.
-            return os.dup(sock.fileno())
-        await asyncio.sleep(0.005)
-    return None  # the client does not even take the headers: let the slow path wait
-
-
 class _Stopped(Exception):
     pass
-
-
-SENDFILE_SLICE = 64 << 20  # bytes per worker-thread call; progress is reported between
-
-
-async def _send_with_sendfile(
-    svc: Services,
-    plan: ExportPlan,
-    transfer: Transfer,
-    sock_fd: int,
-    source: Chain,
-    start: int,
-    end: int,
-) -> int:
-    loop = asyncio.get_running_loop()
-    stop = threading.Event()
-    sent = [0]  # bytes on the wire, counted by the worker thread
-    total = end - start
-    blocks = _blocks(plan.layout, start, end)
-    try:
-        while True:
-            group, size = [], 0
-            for block in blocks:
-                group.append(block)
-                size += block.length
-                if size >= SENDFILE_SLICE:
-                    break
-            if not group:
-                return sent[0]
-            future = loop.run_in_executor(
-                None, _sendfile_blocks, sock_fd, source, group, stop, sent
-            )
-            try:
-                await asyncio.shield(future)
-            except asyncio.CancelledError:
-                stop.set()  # the thread notices within 0.2 s; the fd must outlive it
-                await asyncio.wait([future])
-                if not future.cancelled():
-                    future.exception()  # it stopped because we asked: nothing to report
-                raise
-            await svc.tasks.report(transfer, sent[0], sent[0] / total if total else 1.0)
-    finally:
-        transfer.bytes = sent[0]
 
 
 def _sendfile_blocks(
@@ -281,50 +366,3 @@ def _wait_writable(sock_fd: int, stop: threading.Event) -> None:
     while not poller.poll(200):
         if stop.is_set():
             raise _Stopped
-
-
-async def _send_with_reads(
-    svc: Services,
-    plan: ExportPlan,
-    transfer: Transfer,
-    response: web.StreamResponse,
-    source: Chain,
-    start: int,
-    end: int,
-) -> int:
-    loop = asyncio.get_running_loop()
-    total, sent = end - start, 0
-    pending: asyncio.Future | None = None
-
-    def read(block: Piece | None) -> asyncio.Future | None:
-        if isinstance(block, Derived):
-            return loop.run_in_executor(None, _render, source, block)
-        if not isinstance(block, Data):
-            return None
-        return loop.run_in_executor(None, source.read, block.offset, block.length)
-
-    try:
-        blocks = _blocks(plan.layout, start, end)
-        block = next(blocks, None)
-        pending = read(block)
-        while block is not None:
-            following = next(blocks, None)
-            if isinstance(block, Data | Derived):
-                assert pending is not None
-                data = await pending
-                if len(data) != block.length:
-                    raise OSError("short read: the VDI file was truncated")
-            elif isinstance(block, Literal):
-                data = block.data
-            else:
-                data = _ZEROS[: block.length]
-            pending = read(following)  # read ahead while this block goes out
-            await response.write(data)
-            sent += len(data)
-            transfer.bytes = sent
-            await svc.tasks.report(transfer, sent, sent / total if total else 1.0)
-            block = following
-    finally:
-        if pending is not None:
-            await asyncio.wait([pending])
-    return sent

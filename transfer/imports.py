@@ -1,39 +1,54 @@
-"""The import operation: check everything that can be checked before the body, then stream
-the body through a format decoder into the VDI, durably.
+"""The import operation: everything that can be checked before the body is checked, then the
+body streams through its format's decoder into the VDI, durably, under a task.
 
-The HTTP edge (handlers/transfers.py) parses parameters and owns the connection; this module
-owns the rules: which target, which size, which decoder, and what a failure leaves behind.
+    Import.plan(...)   checks; creates and locks nothing      (the edge may still refuse)
+    await op.start()   the task, the VDI (if its size is known), the VDI's write lock
+    await op.run(body) the body -> the VDI; the task ends with it:
+                       success, suspended (a segment, or a resumable upload cut off), or
+                       failure/cancelled, after which `abandon` removes what it created
+
+The HTTP edge (handlers/transfers.py) parses the request into ImportParams, calls these and
+renders the result; this module owns the rules: which target, which size, which decoder,
+and what a failure leaves behind. It knows nothing of HTTP beyond the body it reads.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 import os
-import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-
-from aiohttp import StreamReader
+from typing import Protocol
 
 from common.errors import ApiError, bad_request
 from formats.errors import FormatError, FramingError, OutOfBounds, Unsupported
-from formats.events import Decoder, Header, Write
+from formats.events import Header
 from formats.registry import RAW, Format, runtime_formats, wire
-from transfer import image_import, layers, resume, storage
+from transfer import checkpoints, layers, pipeline
 from transfer.db import Row
-from transfer.diskio import DiskWriter
+from transfer.files import in_thread
 from transfer.logs import event
+from transfer.pipeline import Applier
 from transfer.services import Services
 from transfer.sizes import parse_size, round_to_sector
-from transfer.spillfile import FileSpill
+from transfer.targets import ChainTop, RawFile, Target
 from transfer.tasks import Transfer
 
 log = logging.getLogger("vdi_transfer.import")
 
 DEFAULT_NAME = "Imported VDI"
+
+
+class Body(pipeline.Body, Protocol):
+    """The request body: what the pipeline reads, plus `read(n)` to skip a resumed upload's
+    durable start. A break in it (the client went away, the framing of the HTTP body was
+    cut) is a ConnectionError."""
+
+    async def read(self, n: int) -> bytes:
+        """At most n bytes; b"" at the end."""
 
 
 @dataclass
@@ -60,20 +75,14 @@ class ImportParams:
 
 
 @dataclass
-class ImportPlan:
-    """What an import will do, decided before a byte of the body is read."""
+class Plan:
+    """What the checks decided, before a byte of the body is read."""
 
-    params: ImportParams
     vdi: Row | None  # the existing target, or None when a VDI is to be created in `sr`
     sr: Row
     virtual_size: int | None  # None: a new VDI sized by the image's header
-    expected: int | None  # Content-Length, if given
     resume_offset: int = 0  # a resumed upload: the stream offset its task has durable
     skip: int = 0  # body bytes already durable (the request starts below the offset)
-
-    @property
-    def target_uuid(self) -> str | None:
-        return self.vdi["uuid"] if self.vdi else None
 
 
 async def placement(svc: Services, params: ImportParams) -> tuple[str, str | None] | None:
@@ -94,10 +103,10 @@ async def placement(svc: Services, params: ImportParams) -> tuple[str, str | Non
     return None
 
 
-async def plan(svc: Services, params: ImportParams, content_length: int | None) -> ImportPlan:
+async def _plan(svc: Services, params: ImportParams, content_length: int | None) -> Plan:
     """Every check that needs no body: target, writability, availability, size."""
     if params.content_range is not None:
-        return await _plan_resume(svc, params, content_length)
+        return await _plan_resume(svc, params)
     if params.chunked and params.format != RAW.name:
         raise bad_request(
             "chunk framing (chunked=) carries raw data; it cannot be combined "
@@ -146,12 +155,10 @@ async def plan(svc: Services, params: ImportParams, content_length: int | None) 
             size,
             content_length,
         )
-    return ImportPlan(params, vdi, sr, size, content_length)
+    return Plan(vdi, sr, size)
 
 
-async def _plan_resume(
-    svc: Services, params: ImportParams, content_length: int | None
-) -> ImportPlan:
+async def _plan_resume(svc: Services, params: ImportParams) -> Plan:
     """A PUT with Content-Range continues the upload of its task at the range's start."""
     if not params.task_id:
         raise bad_request("Content-Range continues an upload: give its task_id=")
@@ -196,347 +203,345 @@ async def _plan_resume(
         )
     await svc.vdis.ensure_free(vdi)
     sr = await svc.srs.get(vdi["sr"])
-    return ImportPlan(
-        params,
-        vdi,
-        sr,
-        vdi["virtual_size"],
-        content_length,
-        resume_offset=durable,
-        skip=durable - start,
-    )
+    return Plan(vdi, sr, vdi["virtual_size"], resume_offset=durable, skip=durable - start)
 
 
-@dataclass
-class ImportJob:
-    plan: ImportPlan
-    transfer: Transfer
-    vdi: Row | None  # None until an image's header says how big a new VDI must be
-    created: bool  # the import created the VDI: a failed import removes it again
+class Import:
+    """One import, from its checks to its end. See the module docstring for the order."""
 
+    def __init__(self, svc: Services, params: ImportParams, plan: Plan, expected: int | None):
+        self.svc = svc
+        self.params = params
+        self.sr = plan.sr
+        self.vdi = plan.vdi  # None until an image's header says how big a new VDI must be
+        self.virtual_size = plan.virtual_size
+        self.expected = expected  # this request's body length (Content-Length), if known
+        self.resume_offset = plan.resume_offset
+        self.skip = plan.skip
+        self.created = False  # the import created the VDI: a failed import removes it again
+        self.transfer: Transfer | None = None
+        self.task_ref = ""
+        self._applier = Applier()
+        self._received = 0  # body bytes read after the skipped start
 
-async def start(svc: Services, plan: ImportPlan, user: str) -> ImportJob:
-    """Attach a task; create the VDI now if its size is known (else at the image's header);
-    take the VDI's write lock."""
-    vdi = plan.vdi
-    created = False
-    if vdi is None and plan.virtual_size is not None:
-        vdi = await _create_vdi(svc, plan, plan.virtual_size)
-        created = True
-    target = vdi["uuid"] if vdi else f"new in SR {plan.sr['uuid']}"
-    try:
-        transfer = await svc.tasks.begin(
-            plan.params.task_id, f"import_raw_vdi {target}", user, vdi["uuid"] if vdi else None
-        )
-    except BaseException:
-        if created:
-            await svc.vdis.delete(vdi["uuid"])
-        raise
-    if plan.params.resumable:  # the client can name this upload again
-        length = plan.params.content_range[2] if plan.params.content_range else plan.expected
-        await svc.tasks.make_resumable(transfer, plan.params.format, plan.params.chunked, length)
-    job = ImportJob(plan, transfer, vdi, created)
-    if vdi is not None:
+    @classmethod
+    async def plan(cls, svc: Services, params: ImportParams, content_length: int | None) -> Import:
+        """Every check that needs no body; nothing is created or locked yet."""
+        return cls(svc, params, await _plan(svc, params, content_length), content_length)
+
+    @property
+    def target_uuid(self) -> str | None:
+        return self.vdi["uuid"] if self.vdi else None
+
+    @property
+    def probe(self) -> bool:
+        """An empty PUT that is not part of an upload: clients probe with it. It is
+        answered, but nothing is created or written."""
+        return self.expected == 0 and self.params.complete and not self.params.content_range
+
+    @property
+    def task(self) -> str:
+        assert self.transfer is not None
+        return self.transfer.task
+
+    @property
+    def bytes(self) -> int:
+        """Stream bytes received so far (a resumed upload counts from its start)."""
+        return self.transfer.bytes if self.transfer else 0
+
+    async def start(self, user: str) -> None:
+        """Attach a task; create the VDI now if its size is known (else at the image's
+        header); take the VDI's write lock."""
+        svc, params = self.svc, self.params
+        if self.vdi is None and self.virtual_size is not None:
+            self.vdi = await self._create_vdi(self.virtual_size)
+            self.created = True
+        target = self.target_uuid or f"new in SR {self.sr['uuid']}"
         try:
-            await svc.vdis.lock(vdi["uuid"], transfer.task)
-        except ApiError as exc:
-            await svc.tasks.fail(transfer, exc.error_info)
-            await abandon(svc, job, exc)
-            raise
-    return job
-
-
-def runtime_format(svc: Services, plan: ImportPlan) -> str:
-    """How a VDI created by an import is stored: the configured mapping from the upload's
-    format, else the default; if the SR cannot store that, the SR's default."""
-    config = svc.config
-    wanted = config.image_mapping.get(plan.params.format, config.images_type)
-    if wanted in svc.srs.formats(plan.sr) and wanted in runtime_formats():
-        return wanted
-    return plan.sr["default_image_format"]
-
-
-async def _create_vdi(svc: Services, plan: ImportPlan, size: int) -> Row:
-    return await svc.vdis.create(
-        plan.sr, plan.params.name_label or DEFAULT_NAME, size, runtime_format(svc, plan)
-    )
-
-
-def decoder_for(plan: ImportPlan) -> Decoder:
-    assert plan.virtual_size is not None
-    return plan.params.wire.decoder(plan.virtual_size, None, plan.expected)
-
-
-async def receive(svc: Services, job: ImportJob, body: StreamReader) -> int:
-    """Stream the body into the VDI; returns the stream offset once it is durable. A
-    resumable upload checkpoints as it goes; with Upload-Complete: ?0 the request is one
-    segment and the upload stays open (`job.segment`)."""
-    ck = None
-    if job.plan.resume_offset:
-        ck = await storage.in_thread(resume.load, _state_file(svc, job))
-        if ck is None or ck.offset != job.plan.resume_offset:
-            raise ApiError(
-                "INTERNAL_ERROR",
-                f"the checkpoint of task {job.transfer.task} at "
-                f"byte {job.plan.resume_offset} is missing",
+            self.transfer = await svc.tasks.begin(
+                params.task_id, f"import_raw_vdi {target}", user, self.target_uuid
             )
-    try:
-        if job.plan.skip:
-            await _skip(body, job.plan.skip)
-        if job.plan.params.format == RAW.name and job.vdi and job.vdi["image_format"] == RAW.name:
-            received = await _receive_raw(svc, job, body, ck)
+        except BaseException:
+            if self.created:
+                await svc.vdis.delete(self.vdi["uuid"])
+            raise
+        self.task_ref = (await svc.tasks.get(self.task))["ref"]
+        if params.resumable:  # the client can name this upload again
+            length = params.content_range[2] if params.content_range else self.expected
+            await svc.tasks.make_resumable(self.transfer, params.format, params.chunked, length)
+        if self.vdi is not None:
+            try:
+                await svc.vdis.lock(self.vdi["uuid"], self.task)
+            except ApiError as exc:
+                await svc.tasks.fail(self.transfer, exc.error_info)
+                await self.abandon(exc)
+                raise
+
+    async def run(self, body: Body, ready: Callable[[], Awaitable[None]]) -> int:
+        """Under the task: `ready()` (the edge tells the client to send its body), then the
+        body into the VDI. Returns the stream offset durable at the end. The task ends here
+        however the body ends; a failure or cancel abandons the import and goes up."""
+        transfer = self.transfer
+        assert transfer is not None
+        try:
+            async with self.svc.tasks.run(transfer):
+                await ready()
+                received = await self._receive(body)
+                assert self.vdi is not None
+                if self.params.complete:
+                    await self.svc.tasks.succeed(transfer, self.vdi["uuid"])
+                else:  # one segment of a resumable upload: durable, and the upload stays open
+                    await self.svc.tasks.suspend(transfer, "segment received")
+        except asyncio.CancelledError:
+            await asyncio.shield(self.abandon(asyncio.CancelledError()))
+            raise
+        except BaseException as exc:
+            await self.abandon(exc)
+            raise
+        await self.svc.vdis.usage(await self.svc.vdis.get(self.vdi["uuid"]))  # for the pool
+        return received
+
+    async def abandon(self, why: BaseException) -> None:
+        """After a failed or cancelled import has ended its task: remove a VDI the import
+        itself created. (An existing VDI keeps what was written; it was the client's to
+        overwrite.) A suspended resumable upload keeps everything, to go on later."""
+        svc, transfer = self.svc, self.transfer
+        assert transfer is not None
+        if transfer.resumable:
+            task = await svc.tasks.get(transfer.task)
+            if task["status"] == "pending":
+                return  # suspended: the upload may go on, its VDI with it
+            await in_thread(
+                checkpoints.discard, svc.config.state_dir, transfer.task, [Path(self.sr["path"])]
+            )
+        if self.created and self.vdi is not None:
+            try:
+                await svc.vdis.delete(self.vdi["uuid"])
+            except ApiError:
+                log.warning(
+                    "could not remove the VDI of a failed import",
+                    extra={"fields": {"vdi": self.vdi["uuid"], "task": transfer.task}},
+                )
+            else:
+                event(
+                    log,
+                    "import.vdi_removed",
+                    task=transfer.task,
+                    vdi=self.vdi["uuid"],
+                    reason=type(why).__name__,
+                )
+
+    # -- the body ------------------------------------------------------------------------
+
+    async def _receive(self, body: Body) -> int:
+        """Stream the body into the VDI; returns the stream offset once it is durable."""
+        checkpoint = None
+        if self.resume_offset:
+            checkpoint = await in_thread(checkpoints.load, self._state_file)
+            if checkpoint is None or checkpoint.offset != self.resume_offset:
+                raise ApiError(
+                    "INTERNAL_ERROR",
+                    f"the checkpoint of task {self.task} at byte {self.resume_offset} is missing",
+                )
+        try:
+            if self.skip:
+                await _skip(body, self.skip)
+            received = await self._stream(body, checkpoint)
+        except OutOfBounds as exc:
+            raise ApiError("VDI_TOO_SMALL", str(exc), exc.size, exc.end) from None
+        except FramingError as exc:
+            raise bad_request(str(exc)) from None
+        except Unsupported as exc:
+            raise ApiError("FORMAT_UNSUPPORTED", str(exc)) from None
+        except FormatError as exc:
+            raise ApiError("IMAGE_INVALID", str(exc)) from None
+        except (ConnectionError, EOFError) as exc:
+            raise _short_body(self.bytes, self.expected, exc) from None
+        assert self.vdi is not None
+        await self.svc.vdis.bump_generation(self.vdi["uuid"])
+        if self.params.complete and self.transfer.resumable:
+            await in_thread(
+                checkpoints.discard, self.svc.config.state_dir, self.task, [Path(self.sr["path"])]
+            )
+        return received
+
+    @property
+    def _state_file(self) -> Path:
+        return checkpoints.state_path(self.svc.config.state_dir, self.task)
+
+    async def _stream(self, body: Body, checkpoint: checkpoints.Checkpoint | None) -> int:
+        transfer, applier, fmt = self.transfer, self._applier, self.params.wire
+        assert transfer is not None
+        if checkpoint is not None:  # resumed: the decoder (and its spill) go on where they were
+            decoder, spill = checkpoint.decoder, checkpoint.spill
+            applier.target = await self._open_target()
+            applier.size, applier.punch = self.vdi["virtual_size"], checkpoint.punch
         else:
-            received = await _receive_image(svc, job, body, ck)
-    except OutOfBounds as exc:
-        raise ApiError("VDI_TOO_SMALL", str(exc), exc.size, exc.end) from None
-    except FramingError as exc:
-        raise bad_request(str(exc)) from None
-    except Unsupported as exc:
-        raise ApiError("FORMAT_UNSUPPORTED", str(exc)) from None
-    except FormatError as exc:
-        raise ApiError("IMAGE_INVALID", str(exc)) from None
-    except (ConnectionError, EOFError) as exc:
-        raise _short_body(job.transfer.bytes, job.plan.expected, exc) from None
-    except Exception as exc:
-        if _is_payload_error(exc):
-            raise _short_body(job.transfer.bytes, job.plan.expected, exc) from None
-        raise
-    assert job.vdi is not None
-    await svc.vdis.bump_generation(job.vdi["uuid"])
-    if job.plan.params.complete and job.transfer.resumable:
-        await storage.in_thread(
-            resume.discard, svc.config.state_dir, job.transfer.task, [Path(job.plan.sr["path"])]
+            spill = None
+            if fmt.spills:
+                spill = await in_thread(checkpoints.SpillFile, Path(self.sr["path"]), self.task)
+            decoder = fmt.decoder(self.virtual_size, spill, self.expected)
+        schedule = checkpoints.Schedule(transfer.resumable, self.resume_offset)
+        finished = False
+
+        def durable(position: int) -> bool:
+            """Worker thread: data, spill and decoder state durable at `position`."""
+            applier.flush()
+            applier.target.flush()
+            if spill is not None:
+                spill.sync()
+            state = checkpoints.Checkpoint(position, decoder, applier.punch, spill)
+            return checkpoints.save(self._state_file, state)
+
+        async def on_applied(fed: int, broke: bool) -> None:
+            await self._report()
+            position = self.resume_offset + fed
+            due = schedule.enabled and (broke or schedule.due(position))
+            if due and applier.target is not None:
+                if await in_thread(durable, position):
+                    await self.svc.tasks.checkpoint(transfer, position)
+                schedule.done(position)
+
+        async def on_received(received: int) -> None:
+            self._received = received
+            await self._report()
+
+        try:
+            received = self.skip + await pipeline.run(
+                decoder,
+                body,
+                applier,
+                self._on_header,
+                on_received,
+                on_applied,
+                final=self.params.complete,
+            )
+            if self.expected is not None and received != self.expected:
+                raise _short_body(received, self.expected)
+            if not self.params.complete:
+                await on_applied(received - self.skip, True)  # a segment ends durable
+                return transfer.bytes
+            if applier.target is None:
+                raise ApiError("IMAGE_INVALID", f"the {fmt.name} stream ended before its header")
+            await in_thread(self._flush)
+            finished = True
+        finally:
+            if applier.target is not None:
+                await in_thread(applier.target.close)
+            if spill is not None:
+                keep = transfer.resumable and not finished  # a suspended upload needs it again
+                await in_thread(functools.partial(spill.close, remove=not keep))
+        event(
+            log,
+            "import.done",
+            task=transfer.task,
+            vdi=self.vdi["uuid"],
+            format=fmt.name,
+            bytes=transfer.bytes,
+            written=applier.written,
         )
-    return received
+        return transfer.bytes
+
+    def _flush(self) -> None:
+        """Worker thread: everything written is durable."""
+        self._applier.flush()
+        self._applier.target.flush()
+
+    async def _report(self) -> None:
+        """Progress: body bytes over Content-Length; without a length, how far into the disk
+        the data has reached (raw streams, vhd-tool's framing and image blocks mostly go
+        front to back)."""
+        transfer = self.transfer
+        transfer.bytes = self.resume_offset + self._received
+        received, expected = self.skip + self._received, self.expected
+        size = self._applier.size or self.virtual_size
+        reached = self._applier.reached
+        if self.params.wire.length_is_size:  # raw bytes: the stream offset is the disk's
+            reached = max(reached, transfer.bytes)
+        if expected:
+            await self.svc.tasks.report(transfer, transfer.bytes, received / expected)
+        else:
+            estimate = 0.99 * reached / size if size else 0.0
+            await self.svc.tasks.report(transfer, transfer.bytes, estimate)
+
+    async def _on_header(self, header: Header) -> None:
+        """The image says how big the disk is and whether it is whole: create the VDI if it
+        is to be made now, refuse a disk larger than the VDI, clear what a whole image
+        replaces, and open the target."""
+        svc, transfer, applier = self.svc, self.transfer, self._applier
+        declared = header.virtual_size
+        if self.vdi is None:
+            size = self.virtual_size or declared
+            if size is None:
+                raise bad_request("the image does not say its size: give virtual_size=")
+            if declared is not None and declared > size:
+                raise _too_small(declared, size)
+            self.vdi = await self._create_vdi(round_to_sector(size))
+            self.created = True
+            await svc.vdis.lock(self.vdi["uuid"], self.task)
+            await svc.tasks.set_vdi(transfer, self.vdi["uuid"])
+        size = self.vdi["virtual_size"]
+        if declared is not None and declared > size:
+            raise _too_small(declared, size)
+        if applier.target is None:
+            applier.target = await self._open_target()
+            applier.size = size
+        # A VDI this import created reads as zeros: nothing needs clearing or zeroing there.
+        # A whole image replaces the disk up to its size: clear that first, so what it
+        # leaves unallocated reads as zero; then its zeros need not be written.
+        if header.whole_image and not self.created:
+            await in_thread(applier.target.zero, 0, declared or size)
+        applier.punch = not (header.whole_image or self.created)
+        event(
+            log,
+            "import.header",
+            task=transfer.task,
+            vdi=self.vdi["uuid"],
+            format=self.params.wire.name,
+            virtual_size=declared,
+            whole_image=header.whole_image,
+        )
+
+    async def _open_target(self) -> Target:
+        """A raw VDI's file is the disk: written directly. Any other through its chain."""
+        vdi = self.vdi
+        if vdi["image_format"] == RAW.name:
+            fd = await in_thread(os.open, await self.svc.vdis.path(vdi), os.O_WRONLY)
+            return RawFile(fd)
+        files = await self.svc.vdis.chain_files(vdi)
+        chain = await in_thread(functools.partial(layers.open_chain, files, writable=True))
+        return ChainTop(chain)
+
+    def runtime_format(self) -> str:
+        """How a VDI created by an import is stored: the configured mapping from the upload's
+        format, else the default; if the SR cannot store that, the SR's default."""
+        config = self.svc.config
+        wanted = config.image_mapping.get(self.params.format, config.images_type)
+        if wanted in self.svc.srs.formats(self.sr) and wanted in runtime_formats():
+            return wanted
+        return self.sr["default_image_format"]
+
+    async def _create_vdi(self, size: int) -> Row:
+        return await self.svc.vdis.create(
+            self.sr, self.params.name_label or DEFAULT_NAME, size, self.runtime_format()
+        )
 
 
-def _state_file(svc: Services, job: ImportJob) -> Path:
-    return resume.state_path(svc.config.state_dir, job.transfer.task)
+async def cancel_upload(svc: Services, task: str) -> None:
+    """The client gives a resumable upload up: its task is cancelled (a connection feeding
+    it is closed) and its checkpoint and spill files go, from every SR this host sees."""
+    await svc.tasks.cancel(task)
+    srs = [Path(row["path"]) for row in await svc.srs.list()]
+    await in_thread(checkpoints.discard, svc.config.state_dir, task, srs)
 
 
-async def _skip(body: StreamReader, count: int) -> None:
+async def _skip(body: Body, count: int) -> None:
     """Read and drop the start of a resumed body that is durable already."""
     while count:
         chunk = await body.read(min(count, 1 << 20))
         if not chunk:
             raise ConnectionResetError("the body ended inside the bytes already received")
         count -= len(chunk)
-
-
-class _Checkpoints:
-    """When to checkpoint a resumable upload: every 64 MiB or second of data."""
-
-    def __init__(self, job: ImportJob, start: int):
-        self.enabled = job.transfer.resumable
-        self.last_offset = start
-        self.last_time = time.monotonic()
-
-    def due(self, offset: int) -> bool:
-        return self.enabled and (
-            offset - self.last_offset >= resume.CHECKPOINT_BYTES
-            or time.monotonic() - self.last_time >= resume.CHECKPOINT_SECONDS
-        )
-
-    def done(self, offset: int) -> None:
-        self.last_offset, self.last_time = offset, time.monotonic()
-
-
-async def _receive_raw(
-    svc: Services, job: ImportJob, body: StreamReader, ck: resume.Checkpoint | None
-) -> int:
-    plan, transfer = job.plan, job.transfer
-    assert job.vdi is not None and plan.virtual_size is not None
-    decoder = ck.decoder if ck else decoder_for(plan)
-    path: Path = await svc.vdis.path(job.vdi)
-    fd = await storage.in_thread(os.open, path, os.O_WRONLY)
-    # A VDI this import created is all holes: zeros need no punching there.
-    writer = DiskWriter(fd, punch=not job.created or bool(ck))
-    position = plan.resume_offset  # stream offset of the next byte
-    body_bytes = plan.skip
-    reached = 0
-    expected = plan.expected  # this request's body length, framing included
-    checkpoints = _Checkpoints(job, position)
-    state_file = _state_file(svc, job)
-
-    async def checkpoint() -> None:
-        await writer.checkpoint()
-        if await storage.in_thread(resume.save, state_file, resume.Checkpoint(position, decoder)):
-            await svc.tasks.checkpoint(transfer, position)
-        checkpoints.done(position)
-
-    try:
-        while True:
-            chunk = await body.readany()
-            if not chunk:
-                break
-            body_bytes += len(chunk)
-            position += len(chunk)
-            transfer.bytes = position
-            for ev in decoder.feed(chunk):
-                if isinstance(ev, Write):
-                    await writer.write(ev.offset, ev.data)
-                    reached = max(reached, ev.offset + len(ev.data))
-            progress = _progress(body_bytes, expected, reached, plan.virtual_size)
-            await svc.tasks.report(transfer, position, progress)
-            if checkpoints.due(position):
-                await checkpoint()
-        if expected is not None and body_bytes != expected:
-            raise _short_body(body_bytes, expected)
-        if not plan.params.complete:
-            await checkpoint()  # a segment: durable, and the upload stays open
-            return position
-        for _ in decoder.finish():
-            pass  # raw data and chunk framing complete no write at the end
-        await writer.finish()
-    except BaseException:
-        if checkpoints.enabled:
-            # What arrived before the break is kept: make it durable and say so.
-            with contextlib.suppress(Exception):
-                await asyncio.shield(checkpoint())
-        raise
-    finally:
-        try:
-            await writer.drain()
-        finally:
-            await storage.in_thread(os.close, fd)
-    event(
-        log,
-        "import.done",
-        task=transfer.task,
-        vdi=job.vdi["uuid"],
-        format="raw",
-        bytes=position,
-        written=writer.stats.data,
-        zero=writer.stats.zero,
-    )
-    return position
-
-
-def _progress(received: int, expected: int | None, reached: int, size: int | None) -> float:
-    """Body bytes over Content-Length; without a length, how far into the disk the data has
-    reached (raw streams, vhd-tool's framing and image blocks mostly go front to back)."""
-    if expected:
-        return received / expected
-    return 0.99 * reached / size if size else 0.0
-
-
-async def _receive_image(
-    svc: Services, job: ImportJob, body: StreamReader, ck: resume.Checkpoint | None
-) -> int:
-    plan, transfer = job.plan, job.transfer
-    fmt = plan.params.format
-    spill = None
-    sink = image_import.Sink()
-    if ck is not None:  # resumed: the decoder (and its spill) continue where they were
-        decoder = ck.decoder
-        spill = getattr(decoder, "spill", None)
-        assert job.vdi is not None
-        sink.target = await _open(svc, job.vdi)
-        sink.size, sink.punch = job.vdi["virtual_size"], ck.punch
-    else:
-        if plan.params.wire.spills:
-            spill = await storage.in_thread(FileSpill, Path(plan.sr["path"]), transfer.task)
-        decoder = plan.params.wire.decoder(plan.virtual_size, spill, plan.expected)
-    checkpoints = _Checkpoints(job, plan.resume_offset)
-    state_file = _state_file(svc, job)
-    finished = False
-
-    def durable_state(position: int) -> bool:
-        """Worker thread: data, spill and decoder state durable at `position`."""
-        sink.target.flush()
-        if spill is not None and hasattr(spill, "sync"):
-            spill.sync()
-        return resume.save(state_file, resume.Checkpoint(position, decoder, sink.punch))
-
-    async def on_batch(body_bytes: int, force: bool = False) -> None:
-        position = plan.resume_offset + body_bytes
-        if sink.target is not None and checkpoints.enabled and (force or checkpoints.due(position)):
-            if await storage.in_thread(durable_state, position):
-                await svc.tasks.checkpoint(transfer, position)
-            checkpoints.done(position)
-
-    async def on_header(header: Header) -> None:
-        declared = header.virtual_size
-        if job.vdi is None:
-            size = plan.virtual_size or declared
-            if size is None:
-                raise bad_request("the image does not say its size: give virtual_size=")
-            if declared is not None and declared > size:
-                raise _too_small(declared, size)
-            job.vdi = await _create_vdi(svc, plan, round_to_sector(size))
-            job.created = True
-            await svc.vdis.lock(job.vdi["uuid"], transfer.task)
-            await svc.tasks.set_vdi(transfer, job.vdi["uuid"])
-            sink.target = await _open(svc, job.vdi)
-            sink.size = job.vdi["virtual_size"]
-        else:
-            size = job.vdi["virtual_size"]
-            if declared is not None and declared > size:
-                raise _too_small(declared, size)
-            if sink.target is None:
-                sink.target = await _open(svc, job.vdi)
-                sink.size = size
-            if header.whole_image:
-                # A whole image replaces the disk up to its size: clear that first, so what
-                # it leaves unallocated reads as zero.
-                await storage.in_thread(sink.target.zero, 0, declared or size)
-        sink.punch = not header.whole_image
-        event(
-            log,
-            "import.header",
-            task=transfer.task,
-            vdi=job.vdi["uuid"],
-            format=fmt,
-            virtual_size=declared,
-            whole_image=header.whole_image,
-        )
-
-    async def on_progress(received: int, current: image_import.Sink) -> None:
-        transfer.bytes = plan.resume_offset + received
-        size = current.size or plan.virtual_size
-        progress = _progress(received, plan.expected, current.reached, size)
-        await svc.tasks.report(transfer, received, progress)
-
-    try:
-        received = plan.skip + await image_import.run_pipeline(
-            decoder, body, sink, on_header, on_progress, on_batch, final=plan.params.complete
-        )
-        transfer.bytes = plan.resume_offset + received - plan.skip
-        if plan.expected is not None and received != plan.expected:
-            raise _short_body(received, plan.expected)
-        if not plan.params.complete:
-            await on_batch(received - plan.skip, True)  # a segment ends durable
-            return transfer.bytes
-        if sink.target is None:
-            raise ApiError("IMAGE_INVALID", f"the {fmt} stream ended before its header")
-        await storage.in_thread(sink.target.flush)
-        finished = True
-    finally:
-        if sink.target is not None:
-            await storage.in_thread(sink.target.close)
-        if spill is not None:
-            keep = transfer.resumable and not finished  # a suspended upload needs it again
-            await storage.in_thread(functools.partial(spill.close, remove=not keep))
-    event(
-        log,
-        "import.done",
-        task=transfer.task,
-        vdi=job.vdi["uuid"],
-        format=fmt,
-        bytes=transfer.bytes,
-        written=sink.written,
-    )
-    return transfer.bytes
-
-
-async def _open(svc: Services, vdi: Row) -> image_import.FdTarget | image_import.ChainTarget:
-    """Where an import writes: a raw VDI's file directly, any other through its chain."""
-    if vdi["image_format"] == RAW.name:  # the file is the disk: write it directly
-        fd = await storage.in_thread(os.open, await svc.vdis.path(vdi), os.O_WRONLY)
-        return image_import.FdTarget(fd)
-    files = await svc.vdis.chain_files(vdi)
-    chain = await storage.in_thread(functools.partial(layers.open_chain, files, writable=True))
-    return image_import.ChainTarget(chain)
 
 
 def _too_small(declared: int, size: int) -> ApiError:
@@ -546,13 +551,6 @@ def _too_small(declared: int, size: int) -> ApiError:
         size,
         declared,
     )
-
-
-def _is_payload_error(exc: Exception) -> bool:
-    """aiohttp's errors for a body cut short (Content-Length or chunked encoding unmet)."""
-    from aiohttp import http_exceptions
-
-    return isinstance(exc, http_exceptions.HttpProcessingError)
 
 
 class ClientGone(ApiError):
@@ -568,31 +566,3 @@ def _short_body(received: int, expected: int | None, cause: BaseException | None
         "BAD_REQUEST",
         f"the upload ended after {received}{of} bytes: the client closed the connection{why}",
     )
-
-
-async def abandon(svc: Services, job: ImportJob, why: BaseException) -> None:
-    """After a failed or cancelled import has ended its task: remove a VDI the import itself
-    created. (An existing VDI keeps what was written; it was the client's to overwrite.)"""
-    if job.transfer.resumable:
-        task = await svc.tasks.get(job.transfer.task)
-        if task["status"] == "pending":
-            return  # suspended: the upload may go on, its VDI with it
-        await storage.in_thread(
-            resume.discard, svc.config.state_dir, job.transfer.task, [Path(job.plan.sr["path"])]
-        )
-    if job.created and job.vdi is not None:
-        try:
-            await svc.vdis.delete(job.vdi["uuid"])
-        except ApiError:
-            log.warning(
-                "could not remove the VDI of a failed import",
-                extra={"fields": {"vdi": job.vdi["uuid"], "task": job.transfer.task}},
-            )
-        else:
-            event(
-                log,
-                "import.vdi_removed",
-                task=job.transfer.task,
-                vdi=job.vdi["uuid"],
-                reason=type(why).__name__,
-            )

@@ -16,7 +16,7 @@ from formats.chain import Chain
 from formats.driver import DATA
 from formats.raw_image import RawImage
 from formats.registry import FORMATS, Identity
-from transfer import storage
+from transfer import files
 
 FICLONE = 0x40049409
 
@@ -55,7 +55,7 @@ def create_image(
         path.unlink(missing_ok=True)
         raise
     image.close()
-    storage.fsync_dir(path.parent)
+    files.fsync_dir(path.parent)
 
 
 def copy_sparse(source: Path, target: Path) -> str:
@@ -81,7 +81,7 @@ def copy_sparse(source: Path, target: Path) -> str:
     finally:
         src.close()
     os.close(fd)
-    storage.fsync_dir(target.parent)
+    files.fsync_dir(target.parent)
     return how
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from common.errors import ApiError, bad_request
 from formats.registry import RAW, runtime_formats
-from transfer import storage
+from transfer import files
 from transfer.db import Database, Row
 from transfer.ids import new_ref, new_uuid
 
@@ -35,7 +35,7 @@ class SrService:
             row = await self._insert(
                 sr_uuid, LOCAL_SR_NAME, path, False, runtime_formats(), RAW.name
             )
-        await storage.in_thread(storage.ensure_sr_dir, Path(row["path"]))
+        await files.in_thread(files.ensure_sr_dir, Path(row["path"]))
         return row
 
     async def create(
@@ -64,8 +64,8 @@ class SrService:
             if Path(row["path"]) == path and (row["shared"] or row["host"] == self.host_uuid):
                 raise bad_request(f"{path} is SR {row['uuid']} already", row["uuid"])
         sr_uuid = new_uuid()
-        await storage.in_thread(storage.ensure_sr_dir, path)
-        await storage.in_thread(_write_marker, path, sr_uuid)
+        await files.in_thread(files.ensure_sr_dir, path)
+        await files.in_thread(_write_marker, path, sr_uuid)
         name = name_label or ("Shared storage" if shared else LOCAL_SR_NAME)
         row = await self._insert(sr_uuid, name, path, shared, formats, default_format)
         await self.record_physical_size(row)
@@ -100,7 +100,7 @@ class SrService:
     async def record_physical_size(self, row: Row) -> int:
         """The size of the SR's filesystem, measured here and recorded for the hosts of the
         pool that cannot see the directory."""
-        total, _ = await storage.in_thread(storage.filesystem_size, Path(row["path"]))
+        total, _ = await files.in_thread(files.filesystem_size, Path(row["path"]))
         if total != row["physical_size"]:
             await self.db.execute(
                 "UPDATE srs SET physical_size = ? WHERE uuid = ?", total, row["uuid"]
@@ -117,7 +117,7 @@ class SrService:
             except OSError:
                 return False
 
-        return [row for row in rows if not await storage.in_thread(reachable, row)]
+        return [row for row in rows if not await files.in_thread(reachable, row)]
 
     async def get(self, ident: str) -> Row:
         row = await self.db.fetchone("SELECT * FROM srs WHERE uuid = ? OR ref = ?", ident, ident)
@@ -152,12 +152,12 @@ class SrService:
             )
             return row["physical_size"] or 0, int(used["n"] or 0) if used else 0
         path = Path(row["path"])
-        files = await self.db.fetchall("SELECT path FROM vdis WHERE sr = ?", row["uuid"])
+        vdi_files = await self.db.fetchall("SELECT path FROM vdis WHERE sr = ?", row["uuid"])
 
         def used() -> int:
-            return sum(storage.allocated_bytes(path / f["path"]) for f in files)
+            return sum(files.allocated_bytes(path / f["path"]) for f in vdi_files)
 
-        return await self.record_physical_size(row), await storage.in_thread(used)
+        return await self.record_physical_size(row), await files.in_thread(used)
 
     async def to_json(self, row: Row) -> dict:
         physical_size, used = await self.sizes(row)
@@ -180,4 +180,4 @@ def _write_marker(directory: Path, sr_uuid: str) -> None:
     tmp = marker.with_suffix(".tmp")
     tmp.write_text(sr_uuid + "\n")
     tmp.replace(marker)
-    storage.fsync_dir(directory)
+    files.fsync_dir(directory)

@@ -11,7 +11,7 @@ from pathlib import Path
 from common.db import Executor
 from common.errors import ApiError, bad_request
 from formats.registry import FORMATS, Identity
-from transfer import layers, storage
+from transfer import files, layers
 from transfer.db import Database, Row
 from transfer.hosts import HostService
 from transfer.ids import iso, new_ref
@@ -88,7 +88,7 @@ class VdiService:
             raise too_big
         identity = Identity(uuid.UUID(vdi_uuid), time.time())
         try:
-            await storage.in_thread(layers.create_image, path, fmt, size, identity)
+            await files.in_thread(layers.create_image, path, fmt, size, identity)
         except ValueError as exc:  # the format cannot hold such a disk
             raise bad_request(f"a {fmt} VDI cannot be {size} bytes: {exc}", size) from None
         except OSError as exc:
@@ -109,7 +109,7 @@ class VdiService:
                 time.time(),
             )
         except BaseException:
-            await storage.in_thread(storage.remove, path)
+            await files.in_thread(files.remove, path)
             raise
         return await self.get(vdi_uuid)
 
@@ -148,7 +148,7 @@ class VdiService:
         # Records go first: a crash in between leaves an orphan file, never a record
         # pointing at nothing.
         for gone in removed:
-            await storage.in_thread(storage.remove, await self.path(gone))
+            await files.in_thread(files.remove, await self.path(gone))
         return row
 
     async def chain_rows(self, row: Row) -> list[Row]:
@@ -192,7 +192,7 @@ class VdiService:
         if not FORMATS[fmt].layered:  # a snapshot or clone is a copy of the file
             self.check_not_written(row)
             path = directory / f"{new_uuid}.raw"
-            await storage.in_thread(layers.copy_sparse, await self.path(row), path)
+            await files.in_thread(layers.copy_sparse, await self.path(row), path)
             await self._insert(
                 new_uuid,
                 label,
@@ -256,7 +256,7 @@ class VdiService:
 
     async def _create_child(self, parent: Row, path: Path, disk_uuid: uuid.UUID) -> None:
         """A new, empty image file whose parent is `parent`'s file (same format)."""
-        await storage.in_thread(
+        await files.in_thread(
             layers.create_image,
             path,
             parent["image_format"],
@@ -427,7 +427,7 @@ class VdiService:
         sr = await self.srs.get(row["sr"])
         if self.srs.owner(sr) is not None:
             return row["physical_utilisation"] or 0
-        used = await storage.in_thread(storage.allocated_bytes, Path(sr["path"]) / row["path"])
+        used = await files.in_thread(files.allocated_bytes, Path(sr["path"]) / row["path"])
         if used != row["physical_utilisation"]:
             await self.db.execute(
                 "UPDATE vdis SET physical_utilisation = ? WHERE uuid = ?", used, row["uuid"]

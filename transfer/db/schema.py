@@ -89,7 +89,7 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
         [
             # Resumable uploads: the import's task is the upload resource. upload_offset is
             # the number of stream bytes that are durable; the decoder's state at that
-            # offset is saved beside the VDI (see transfer/resume.py).
+            # offset is saved beside the VDI (see transfer/checkpoints.py).
             "ALTER TABLE tasks ADD COLUMN resumable INTEGER NOT NULL DEFAULT 0",
             "ALTER TABLE tasks ADD COLUMN upload_offset BIGINT NOT NULL DEFAULT 0",
             "ALTER TABLE tasks ADD COLUMN upload_length BIGINT",

@@ -13,20 +13,15 @@ from transfer.handlers.common import field, json_response, read_json
 from transfer.services import services
 from transfer.sizes import parse_size
 
-routes = web.RouteTableDef()
-
-
 # -- hosts ---------------------------------------------------------------------------------
 
 
-@routes.get("/hosts")
 @requires("reader")
 async def list_hosts(request: web.Request) -> web.Response:
     hosts = services(request).hosts
     return json_response([hosts.to_json(row) for row in await hosts.list()])
 
 
-@routes.get("/hosts/{uuid}")
 @requires("reader")
 async def get_host(request: web.Request) -> web.Response:
     hosts = services(request).hosts
@@ -36,14 +31,12 @@ async def get_host(request: web.Request) -> web.Response:
 # -- SRs -----------------------------------------------------------------------------------
 
 
-@routes.get("/srs")
 @requires("reader")
 async def list_srs(request: web.Request) -> web.Response:
     srs = services(request).srs
     return json_response(await asyncio.gather(*(srs.to_json(r) for r in await srs.list())))
 
 
-@routes.get("/srs/{uuid}")
 @requires("reader")
 async def get_sr(request: web.Request) -> web.Response:
     srs = services(request).srs
@@ -53,7 +46,6 @@ async def get_sr(request: web.Request) -> web.Response:
 # -- VDIs ----------------------------------------------------------------------------------
 
 
-@routes.get("/vdis")
 @requires("reader")
 async def list_vdis(request: web.Request) -> web.Response:
     """All VDIs, or those of one SR with ?sr=."""
@@ -62,7 +54,6 @@ async def list_vdis(request: web.Request) -> web.Response:
     return json_response([await vdis.to_json(row) for row in rows])
 
 
-@routes.get("/vdis/{uuid}")
 @requires("reader")
 async def get_vdi(request: web.Request) -> web.Response:
     vdis = services(request).vdis
@@ -71,7 +62,6 @@ async def get_vdi(request: web.Request) -> web.Response:
     return json_response(await vdis.to_json(row))
 
 
-@routes.post("/vdis")
 @requires("operator")
 @accepts_ticket("create")
 async def create_vdi(request: web.Request) -> web.Response:
@@ -104,7 +94,6 @@ async def _served_vdi(request: web.Request, operation: str) -> str:
     return vdi["uuid"]
 
 
-@routes.delete("/vdis/{uuid}")
 @requires("operator")
 @accepts_ticket("delete")
 async def delete_vdi(request: web.Request) -> web.Response:
@@ -112,7 +101,6 @@ async def delete_vdi(request: web.Request) -> web.Response:
     return web.Response(status=204)
 
 
-@routes.post("/vdis/{uuid}/snapshot")
 @requires("operator")
 @accepts_ticket("snapshot")
 async def snapshot_vdi(request: web.Request) -> web.Response:
@@ -120,7 +108,6 @@ async def snapshot_vdi(request: web.Request) -> web.Response:
     return await _derive(request, snapshot=True)
 
 
-@routes.post("/vdis/{uuid}/clone")
 @requires("operator")
 @accepts_ticket("clone")
 async def clone_vdi(request: web.Request) -> web.Response:
@@ -141,14 +128,12 @@ async def _derive(request: web.Request, snapshot: bool) -> web.Response:
 # -- tasks ---------------------------------------------------------------------------------
 
 
-@routes.get("/tasks")
 @requires("reader")
 async def list_tasks(request: web.Request) -> web.Response:
     tasks = services(request).tasks
     return json_response([tasks.to_json(row) for row in await tasks.list()])
 
 
-@routes.get("/tasks/{uuid}")
 @requires("reader")
 async def get_task(request: web.Request) -> web.Response:
     tasks = services(request).tasks
@@ -157,7 +142,6 @@ async def get_task(request: web.Request) -> web.Response:
     return json_response(tasks.to_json(row))
 
 
-@routes.post("/tasks")
 @requires("operator")
 async def create_task(request: web.Request) -> web.Response:
     """JSON {name_label} -> 201: a task to pass as task_id= to a later transfer."""
@@ -170,7 +154,6 @@ async def create_task(request: web.Request) -> web.Response:
     return json_response(svc.tasks.to_json(row), status=201)
 
 
-@routes.post("/tasks/{uuid}/cancel")
 @requires("operator")
 async def cancel_task(request: web.Request) -> web.Response:
     tasks = services(request).tasks
@@ -179,7 +162,6 @@ async def cancel_task(request: web.Request) -> web.Response:
     return json_response(tasks.to_json(row))
 
 
-@routes.delete("/tasks/{uuid}")
 @requires("operator")
 async def destroy_task(request: web.Request) -> web.Response:
     request[LOG_FIELDS]["task"] = request.match_info["uuid"]

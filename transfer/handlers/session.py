@@ -14,10 +14,7 @@ from transfer.handlers.common import json_response, read_json
 from transfer.ids import iso
 from transfer.services import services
 
-routes = web.RouteTableDef()
 
-
-@routes.get("/health")
 @public
 async def health(request: web.Request) -> web.Response:
     """For load balancers: 200 while this host can reach its database, else 503."""
@@ -29,7 +26,6 @@ async def health(request: web.Request) -> web.Response:
     return json_response({"status": "ok", "host": svc.hosts.uuid})
 
 
-@routes.post("/session")
 @public
 async def login(request: web.Request) -> web.Response:
     """Basic auth or JSON {username, password} -> a session id (also set as a cookie)."""
@@ -67,7 +63,6 @@ async def login(request: web.Request) -> web.Response:
     return response
 
 
-@routes.get("/session")
 @requires("reader")
 async def whoami(request: web.Request) -> web.Response:
     principal = request[PRINCIPAL]
@@ -76,7 +71,6 @@ async def whoami(request: web.Request) -> web.Response:
     )
 
 
-@routes.delete("/session")
 @requires("reader")
 async def logout(request: web.Request) -> web.Response:
     """Revoke the session this request used (and the cookie's, if it carries one)."""

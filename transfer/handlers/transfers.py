@@ -8,24 +8,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import re
-from pathlib import Path
 
 from aiohttp import web
 
 from auth.middleware import PRINCIPAL, accepts_ticket, requires
 from common.errors import ApiError, bad_request
 from common.logfields import LOG_FIELDS
-from formats.driver import DATA
 from formats.registry import export_formats, upload_formats
-from transfer import deltas, exports, imports, layers, pool, resume, storage
+from transfer import exports, imports, pool
 from transfer.handlers.common import choose_format, json_response
 from transfer.handlers.errors import error_response
+from transfer.handlers.streams import RequestBody, ResponseSink, send_interim
 from transfer.ranges import requested_range
 from transfer.services import services
-
-routes = web.RouteTableDef()
 
 
 def param(request: web.Request, name: str) -> str | None:
@@ -50,12 +46,8 @@ async def no_automatic_continue(request: web.Request) -> None:
         raise web.HTTPExpectationFailed(text=f"unknown Expect: {expect}")
 
 
-async def send_continue(request: web.Request) -> None:
-    if request.headers.get("Expect", "").lower() == "100-continue" and request.version >= (1, 1):
-        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-
-
 def _content_length(request: web.Request) -> int | None:
+    """The body's length, if the request says it (Transfer-Encoding: chunked does not)."""
     if "chunked" in request.headers.get("Transfer-Encoding", "").lower():
         return None
     return request.content_length
@@ -70,6 +62,9 @@ INTEROP_VERSIONS = ("9",)  # Upload-Draft-Interop-Version values we answer with 
 @requires("operator")
 @accepts_ticket("import")
 async def import_raw_vdi(request: web.Request) -> web.StreamResponse:
+    """PUT /import_raw_vdi: a disk into a VDI (vdi=) or a new one (sr=), in any upload
+    format; with task_id= (or Upload-Complete) a resumable upload, continued with
+    Content-Range."""
     params = imports.ImportParams(
         vdi=param(request, "vdi"),
         sr=param(request, "sr"),
@@ -90,74 +85,48 @@ async def _import(request: web.Request, params: imports.ImportParams) -> web.Str
     """An import (PUT) or an append to an upload resource (PATCH), from checks to answer."""
     svc = services(request)
     log_fields = request[LOG_FIELDS]
-    length = _content_length(request)
     where = await imports.placement(svc, params)
     if where is not None:
         await pool.route(request, "import", *where)
-    plan = await imports.plan(svc, params, length)
-    log_fields["vdi"] = plan.target_uuid
-    if length == 0 and params.complete and not params.content_range:
+    op = await imports.Import.plan(svc, params, _content_length(request))
+    log_fields["vdi"] = op.target_uuid
+    if op.probe:
         # Clients probe with an empty PUT: answer, but create and write nothing.
-        return json_response({"task": None, "vdi": plan.target_uuid, "bytes": 0})
-
-    job = await imports.start(svc, plan, request[PRINCIPAL].username)
-    transfer = job.transfer
-    log_fields.update(vdi=job.vdi["uuid"] if job.vdi else None, task=transfer.task)
-    task = await svc.tasks.get(transfer.task)
-    headers = {"task-id": task["ref"]}
+        return json_response({"task": None, "vdi": op.target_uuid, "bytes": 0})
+    await op.start(request[PRINCIPAL].username)
+    log_fields.update(vdi=op.target_uuid, task=op.task)
+    headers = {"task-id": op.task_ref}
     if params.resumable:
-        headers["Location"] = f"/uploads/{transfer.task}"
+        headers["Location"] = f"/uploads/{op.task}"
+
+    async def go_ahead() -> None:
+        """Every check passed and the task runs: now the client may send its body."""
+        version = request.headers.get("Upload-Draft-Interop-Version", "").strip()
+        if params.announced and version in INTEROP_VERSIONS:
+            # 104 (Upload Resumption Supported): the client learns the resource early.
+            interim = {"Location": headers["Location"], "Upload-Draft-Interop-Version": version}
+            await send_interim(request, "104 Upload Resumption Supported", interim)
+        expect = request.headers.get("Expect", "").lower() == "100-continue"
+        if expect and request.version >= (1, 1):
+            await send_interim(request, "100 Continue", {})
+
     try:
-        async with svc.tasks.run(transfer):
-            if (
-                params.announced
-                and request.headers.get("Upload-Draft-Interop-Version", "").strip()
-                in INTEROP_VERSIONS
-            ):
-                await _send_104(request, headers["Location"])
-            await send_continue(request)
-            received = await imports.receive(svc, job, request.content)
-            assert job.vdi is not None
-            log_fields["vdi"] = job.vdi["uuid"]
-            if plan.params.complete:
-                await svc.tasks.succeed(transfer, job.vdi["uuid"])
-            else:  # one segment of a resumable upload: durable, and the upload stays open
-                await svc.tasks.suspend(transfer, "segment received")
-    except asyncio.CancelledError:
-        await asyncio.shield(imports.abandon(svc, job, asyncio.CancelledError()))
-        raise  # aiohttp closes the connection
+        received = await op.run(RequestBody(request.content), go_ahead)
     except ApiError as exc:
-        await imports.abandon(svc, job, exc)
-        log_fields["bytes_in"] = transfer.bytes
+        log_fields.update(bytes_in=op.bytes, error=exc.code)
         response = error_response(exc, headers)
         response.force_close()  # the rest of the body, if any, is not wanted
-        log_fields["error"] = exc.code
         return response
-    except BaseException as exc:
-        await imports.abandon(svc, job, exc)
-        raise
-    log_fields["bytes_in"] = received
-    await svc.vdis.usage(await svc.vdis.get(job.vdi["uuid"]))  # for the pool's other hosts
-    if not plan.params.complete:
+    log_fields.update(vdi=op.target_uuid, bytes_in=received)
+    if not params.complete:
         return web.Response(
             status=204, headers={**headers, "Upload-Offset": str(received), "Upload-Complete": "?0"}
         )
     if params.resumable:
         headers["Upload-Complete"] = "?1"
     return json_response(
-        {"task": transfer.task, "task_ref": task["ref"], "vdi": job.vdi["uuid"], "bytes": received},
+        {"task": op.task, "task_ref": op.task_ref, "vdi": op.target_uuid, "bytes": received},
         headers=headers,
-    )
-
-
-async def _send_104(request: web.Request, location: str) -> None:
-    """104 (Upload Resumption Supported): the client learns the upload resource early."""
-    version = request.headers["Upload-Draft-Interop-Version"].strip()
-    await request.writer.write(
-        (
-            f"HTTP/1.1 104 Upload Resumption Supported\r\nLocation: {location}\r\n"
-            f"Upload-Draft-Interop-Version: {version}\r\n\r\n"
-        ).encode()
     )
 
 
@@ -171,6 +140,39 @@ def _upload_complete(request: web.Request, default: bool | None) -> bool:
     if value.strip() not in ("?0", "?1"):
         raise bad_request(f"Upload-Complete {value!r} is not ?0 or ?1")
     return value.strip() == "?1"
+
+
+def _content_range(value: str | None) -> tuple[int, int | None, int | None] | None:
+    """`bytes START-END/TOTAL` (TOTAL may be `*`) as (start, end, total); as curl -C sends."""
+    if value is None:
+        return None
+    m = re.fullmatch(r"\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*", value)
+    if not m:
+        raise bad_request(f"Content-Range {value!r} is not bytes START-END/TOTAL")
+    start, end = int(m.group(1)), int(m.group(2))
+    total = None if m.group(3) == "*" else int(m.group(3))
+    if end < start or (total is not None and end >= total):
+        raise bad_request(f"Content-Range {value!r} is not a range inside the upload")
+    return start, end, total
+
+
+@requires("operator")
+async def upload_status(request: web.Request) -> web.Response:
+    """HEAD /import_raw_vdi?task_id=: how much of a resumable upload is durable."""
+    svc = services(request)
+    task_id = param(request, "task_id")
+    if not task_id:
+        raise bad_request("give task_id= of the upload")
+    task = await svc.tasks.get(task_id)
+    request[LOG_FIELDS]["task"] = task["uuid"]
+    headers = {"Cache-Control": "no-store", "Upload-Offset": str(task["upload_offset"])}
+    if task["status"] == "success":
+        return web.Response(headers={**headers, "Upload-Complete": "?1"})
+    if task["status"] != "pending" or not task["resumable"]:
+        return web.Response(status=410, headers=headers)
+    if task["upload_length"] is not None:
+        headers["Upload-Length"] = str(task["upload_length"])
+    return web.Response(headers={**headers, "Upload-Complete": "?0"})
 
 
 # -- the upload resource of the resumable-upload draft: /uploads/{task} ---------------------
@@ -241,45 +243,9 @@ async def upload_append(request: web.Request) -> web.StreamResponse:
 @requires("operator")
 async def upload_cancel(request: web.Request) -> web.Response:
     """DELETE /uploads/{task}: the upload ends (cancelled); a connection feeding it closes."""
-    svc = services(request)
     task = await _upload_task(request)
-    await svc.tasks.cancel(task["uuid"])
-    srs = [Path(row["path"]) for row in await svc.srs.list()]
-    await storage.in_thread(resume.discard, svc.config.state_dir, task["uuid"], srs)
+    await imports.cancel_upload(services(request), task["uuid"])
     return web.Response(status=204)
-
-
-def _content_range(value: str | None) -> tuple[int, int | None, int | None] | None:
-    """`bytes START-END/TOTAL` (TOTAL may be `*`) as (start, end, total); as curl -C sends."""
-    if value is None:
-        return None
-    m = re.fullmatch(r"\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*", value)
-    if not m:
-        raise bad_request(f"Content-Range {value!r} is not bytes START-END/TOTAL")
-    start, end = int(m.group(1)), int(m.group(2))
-    total = None if m.group(3) == "*" else int(m.group(3))
-    if end < start or (total is not None and end >= total):
-        raise bad_request(f"Content-Range {value!r} is not a range inside the upload")
-    return start, end, total
-
-
-@requires("operator")
-async def upload_status(request: web.Request) -> web.Response:
-    """HEAD /import_raw_vdi?task_id=: how much of a resumable upload is durable."""
-    svc = services(request)
-    task_id = param(request, "task_id")
-    if not task_id:
-        raise bad_request("give task_id= of the upload")
-    task = await svc.tasks.get(task_id)
-    request[LOG_FIELDS]["task"] = task["uuid"]
-    headers = {"Cache-Control": "no-store", "Upload-Offset": str(task["upload_offset"])}
-    if task["status"] == "success":
-        return web.Response(headers={**headers, "Upload-Complete": "?1"})
-    if task["status"] != "pending" or not task["resumable"]:
-        return web.Response(status=410, headers=headers)
-    if task["upload_length"] is not None:
-        headers["Upload-Length"] = str(task["upload_length"])
-    return web.Response(headers={**headers, "Upload-Complete": "?0"})
 
 
 # -- export --------------------------------------------------------------------------------
@@ -288,6 +254,8 @@ async def upload_status(request: web.Request) -> web.Response:
 @requires("reader")
 @accepts_ticket("export")
 async def export_raw_vdi(request: web.Request) -> web.StreamResponse:
+    """GET|HEAD /export_raw_vdi: a VDI in any export format (or XAPI's chunk framing),
+    whole or what changed since base=, with Range and If-Range on any byte of it."""
     svc = services(request)
     vdi_ident = param(request, "vdi")
     if not vdi_ident:
@@ -295,40 +263,32 @@ async def export_raw_vdi(request: web.Request) -> web.StreamResponse:
     fmt = choose_format(param(request, "format"), export_formats(), "export")
     chunked = flag(request, "chunked")
     vdi = await svc.vdis.get(vdi_ident)
-    vdi_uuid = vdi["uuid"]
-    request[LOG_FIELDS]["vdi"] = vdi_uuid
-    await pool.route(request, "export", vdi_uuid, await svc.vdis.owner(vdi))
-    lease = await svc.vdis.add_reader(vdi_uuid)  # no writer starts while we lay out or send
-    try:
-        plan = await exports.plan(svc, vdi_uuid, fmt, chunked, param(request, "base"))
-        try:
-            return await _send_export(request, plan)
-        finally:
-            await asyncio.shield(plan.close())
-    finally:
-        await asyncio.shield(svc.vdis.drop_reader(lease))
+    request[LOG_FIELDS]["vdi"] = vdi["uuid"]
+    await pool.route(request, "export", vdi["uuid"], await svc.vdis.owner(vdi))
+    async with exports.opened(svc, vdi["uuid"], fmt, chunked, param(request, "base")) as export:
+        return await _send_export(request, export)
 
 
-async def _send_export(request: web.Request, plan: exports.ExportPlan) -> web.StreamResponse:
-    svc = services(request)
-    total = plan.layout.length
+async def _send_export(request: web.Request, export: exports.Export) -> web.StreamResponse:
+    total = export.length
     wanted = None
     try:
         wanted = requested_range(
-            request.headers.get("Range"), request.headers.get("If-Range"), plan.etag, total
+            request.headers.get("Range"), request.headers.get("If-Range"), export.etag, total
         )
     except ApiError as exc:
         return error_response(
-            exc, {"Content-Range": f"bytes */{total}", "ETag": plan.etag, "Accept-Ranges": "bytes"}
+            exc,
+            {"Content-Range": f"bytes */{total}", "ETag": export.etag, "Accept-Ranges": "bytes"},
         )
     start, end = wanted if wanted else (0, total)
     response = web.StreamResponse(status=206 if wanted else 200)
     response.headers.update(
         {
-            "Content-Type": plan.content_type,
+            "Content-Type": export.content_type,
             "Accept-Ranges": "bytes",
-            "ETag": plan.etag,
-            "Content-Disposition": f'attachment; filename="{plan.filename}"',
+            "ETag": export.etag,
+            "Content-Disposition": f'attachment; filename="{export.filename}"',
             "Cache-Control": "no-cache",
         }
     )
@@ -340,20 +300,11 @@ async def _send_export(request: web.Request, plan: exports.ExportPlan) -> web.St
         await response.write_eof()
         return response
 
-    transfer = await svc.tasks.begin(
-        None,
-        f"export_raw_vdi {plan.vdi['uuid']}",
-        request[PRINCIPAL].username,
-        plan.vdi["uuid"],
-    )
-    task = await svc.tasks.get(transfer.task)
-    request[LOG_FIELDS]["task"] = transfer.task
-    response.headers["task-id"] = task["ref"]
+    await export.start(request[PRINCIPAL].username)
+    request[LOG_FIELDS]["task"] = export.task
+    response.headers["task-id"] = export.task_ref
     try:
-        async with svc.tasks.run(transfer):
-            await response.prepare(request)
-            await exports.send(svc, plan, transfer, request, response, start, end)
-            await svc.tasks.succeed(transfer, None)
+        await export.send(ResponseSink(request, response), start, end)
     except asyncio.CancelledError:
         _abort(request)
         raise
@@ -376,48 +327,15 @@ def _abort(request: web.Request) -> None:
 # -- extents -------------------------------------------------------------------------------
 
 
-@routes.get("/vdis/{uuid}/extents")
 @requires("reader")
 @accepts_ticket("extents")
 async def extents(request: web.Request) -> web.Response:
-    """[{start, length, zero}] covering the whole disk: data runs and holes."""
+    """GET /vdis/{uuid}/extents: [{start, length, zero}] covering the whole disk (data runs
+    and holes), or with ?base= only the runs that differ from that older snapshot."""
     svc = services(request)
     vdi = await svc.vdis.get(request.match_info["uuid"])
     request[LOG_FIELDS]["vdi"] = vdi["uuid"]
     await pool.route(request, "extents", vdi["uuid"], await svc.vdis.owner(vdi))
-    if request.query.get("base"):
-        # The difference from an older snapshot: the changed runs only.
-        base = await svc.vdis.get(request.query["base"])
-        changed = await deltas.changed_runs(svc, vdi, base)
-        return json_response(
-            [{"start": s, "length": n, "zero": kind != DATA} for s, n, kind in changed]
-        )
-    files = await svc.vdis.chain_files(vdi)
-    chain = await storage.in_thread(functools.partial(layers.open_chain, files, writable=False))
-    try:
-        data = await storage.in_thread(exports.data_extents, chain)
-    finally:
-        await storage.in_thread(layers.close_chain, chain)
-    out, pos = [], 0
-    for start, length in data:
-        if start > pos:
-            out.append({"start": pos, "length": start - pos, "zero": True})
-        out.append({"start": start, "length": length, "zero": False})
-        pos = start + length
-    if pos < vdi["virtual_size"]:
-        out.append({"start": pos, "length": vdi["virtual_size"] - pos, "zero": True})
-    return json_response(out)
-
-
-def add_routes(app: web.Application) -> None:
-    for path in ("/import_raw_vdi", "/import_raw_vdi/{tail:.*}"):
-        app.router.add_route("PUT", path, import_raw_vdi, expect_handler=no_automatic_continue)
-        app.router.add_route("HEAD", path, upload_status)
-    app.router.add_route("HEAD", "/uploads/{task}", upload_resource_status)
-    app.router.add_route(
-        "PATCH", "/uploads/{task}", upload_append, expect_handler=no_automatic_continue
-    )
-    app.router.add_route("DELETE", "/uploads/{task}", upload_cancel)
-    for path in ("/export_raw_vdi", "/export_raw_vdi/{tail:.*}"):
-        app.router.add_get(path, export_raw_vdi)  # and HEAD
-    app.add_routes(routes)
+    base = await svc.vdis.get(request.query["base"]) if request.query.get("base") else None
+    runs = await exports.extents(svc, vdi, base)
+    return json_response([{"start": s, "length": n, "zero": zero} for s, n, zero in runs])

@@ -8,23 +8,18 @@ from auth.middleware import requires
 from transfer.handlers.common import field, json_response, read_json
 from transfer.services import services
 
-routes = web.RouteTableDef()
 
-
-@routes.get("/users")
 @requires("admin")
 async def list_users(request: web.Request) -> web.Response:
     return json_response(await services(request).users.list())
 
 
-@routes.get("/users/{username}")
 @requires("admin")
 async def get_user(request: web.Request) -> web.Response:
     user = await services(request).users.require(request.match_info["username"])
     return json_response({"username": user["username"], "role": user["role"]})
 
 
-@routes.post("/users")
 @requires("admin")
 async def add_user(request: web.Request) -> web.Response:
     body = await read_json(request)
@@ -35,7 +30,6 @@ async def add_user(request: web.Request) -> web.Response:
     return json_response({"username": username, "role": role}, status=201)
 
 
-@routes.patch("/users/{username}")
 @requires("admin")
 async def change_user(request: web.Request) -> web.Response:
     """Change a user's password and/or role: JSON {password?, role?}."""
@@ -53,7 +47,6 @@ async def change_user(request: web.Request) -> web.Response:
     return json_response({"username": user["username"], "role": user["role"]})
 
 
-@routes.delete("/users/{username}")
 @requires("admin")
 async def remove_user(request: web.Request) -> web.Response:
     await services(request).users.remove(request.match_info["username"])

@@ -1,5 +1,6 @@
-"""Files of a local SR: sparse creation, removal, allocation. Blocking calls; run them in a
-thread (`in_thread`) so the event loop never waits on the disk."""
+"""Files of SRs and of the state dir: removal, durable directories, allocation, filesystem
+size. Blocking calls: run them, and any other disk work, through `in_thread`, so the event
+loop never waits on the disk."""
 
 from __future__ import annotations
 
@@ -27,20 +28,6 @@ def fsync_dir(path: Path) -> None:
 
 def ensure_sr_dir(path: Path) -> None:
     path.mkdir(parents=True, exist_ok=True, mode=0o750)
-
-
-def create_sparse(path: Path, size: int) -> None:
-    """A new file of `size` bytes with no blocks allocated; durable when this returns."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
-    try:
-        os.ftruncate(fd, size)
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        path.unlink(missing_ok=True)
-        raise
-    os.close(fd)
-    fsync_dir(path.parent)
 
 
 def remove(path: Path) -> None:

@@ -1,0 +1,234 @@
+"""The import pipeline, the one way every upload reaches a VDI: body bytes -> the format's
+decoder -> Header/Write/Zero events -> the target, in order.
+
+Two stages overlap: while a worker thread decodes and applies one batch of the body (about
+BATCH bytes), the event loop gathers the next. A batch goes to the worker when it is full,
+or sooner when the body pauses (IDLE) or trickles (AGE): a slow client's data reaches the
+disk, its task's progress and its resumable upload's checkpoints within about a second.
+The one event that needs the loop is `Header`: it may create the VDI (`sr=`), must check
+the declared size before anything is written, and clears the target of a whole image; the
+worker hands it back with the events after it.
+
+The worker writes contiguous data in runs cut at ZERO_BLOCK-aligned disk offsets, carrying
+the unaligned tail into the next run: a zero block split between two runs would be tested
+(and punched) in halves, leaving the page under the cut allocated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Protocol
+
+from formats.errors import OutOfBounds
+from formats.events import Decoder, Event, Header, Write, Zero
+from transfer.targets import ZERO_BLOCK, Parts, Target
+
+BATCH = 8 << 20  # body bytes per worker job, and the longest run written at once
+IDLE = 0.1  # seconds the body may pause before what was gathered goes to the worker
+AGE = 0.5  # seconds a gathered byte may wait for its batch to fill
+
+
+class Body(Protocol):
+    """A request body as the pipeline reads it (aiohttp's StreamReader is one)."""
+
+    async def readany(self) -> bytes:
+        """The next bytes; b"" at the end."""
+
+    def read_nowait(self) -> bytes:
+        """What has arrived and not been read, without waiting; b"" if nothing has."""
+
+
+class Applier:
+    """Applies events to the target, in a worker thread (one call at a time)."""
+
+    def __init__(self) -> None:
+        self.target: Target | None = None  # set at the Header
+        self.size = 0  # the disk's size: writes beyond it are OutOfBounds
+        self.punch = True  # zeros must be written (a delta, or a disk that may hold data)
+        self.written = 0  # data bytes written
+        self.reached = 0  # highest disk offset applied (for progress estimates)
+        self._run: Parts = []  # contiguous data not written yet
+        self._start = self._end = 0
+
+    def apply(self, events: Iterator[Event]) -> Iterator[Event] | None:
+        """Apply events in order as they are produced. At a Header, stop and return the
+        iterator positioned on it, for the loop to handle and then resume."""
+        for ev in events:
+            if isinstance(ev, Header):
+                self.flush()
+                return itertools.chain((ev,), events)
+            if self.target is None:
+                raise RuntimeError("the decoder wrote before its Header")
+            if isinstance(ev, Write):
+                end = ev.offset + len(ev.data)
+                self._check_bounds(ev.offset, end)
+                if self._run and ev.offset == self._end:
+                    self._run.append(ev.data)
+                    self._end = end
+                    if end - self._start >= BATCH:
+                        self._write(aligned=True)
+                    continue
+                self.flush()
+                self._run, self._start, self._end = [ev.data], ev.offset, end
+            elif isinstance(ev, Zero):
+                self.flush()
+                self._check_bounds(ev.offset, ev.offset + ev.length)
+                if ev.length:
+                    self.target.zero(ev.offset, ev.length)
+                    self.reached = max(self.reached, ev.offset + ev.length)
+        self._write(aligned=True)
+        return None
+
+    def flush(self) -> None:
+        """Write the data held back at the end of the last run."""
+        self._write(aligned=False)
+
+    def _write(self, aligned: bool) -> None:
+        """Write the run; if `aligned`, only up to its last ZERO_BLOCK boundary."""
+        if not self._run:
+            return
+        cut = self._end - self._end % ZERO_BLOCK if aligned else self._end
+        if cut <= self._start:
+            return
+        parts, carry = _split(self._run, cut - self._start)
+        assert self.target is not None
+        self.written += self.target.write_run(self._start, parts, self.punch)
+        self.reached = max(self.reached, cut)
+        self._run, self._start = carry, cut
+
+    def _check_bounds(self, start: int, end: int) -> None:
+        if end > self.size:
+            raise OutOfBounds(
+                f"the image writes bytes {start}-{end - 1}, beyond the disk's {self.size} bytes",
+                end,
+                self.size,
+            )
+
+
+def _split(parts: Parts, n: int) -> tuple[Parts, Parts]:
+    """The first `n` bytes of `parts`, and the rest (views, no copies)."""
+    head: Parts = []
+    for i, part in enumerate(parts):
+        if n >= len(part):
+            head.append(part)
+            n -= len(part)
+            continue
+        if n:
+            view = memoryview(part)
+            return [*head, view[:n]], [view[n:], *parts[i + 1 :]]
+        return head, parts[i:]
+    return head, []
+
+
+def events_of(decoder: Decoder, chunks: list, final: bool) -> Iterator[Event]:
+    """The events of `chunks` (and of the stream's end if `final`), produced lazily: a
+    decoder may hand out spilled or decompressed data only as it is consumed, so nothing
+    here may collect them into a list."""
+    for chunk in chunks:
+        yield from decoder.feed(chunk)
+    if final:
+        yield from decoder.finish()
+
+
+async def run(
+    decoder: Decoder,
+    body: Body,
+    applier: Applier,
+    on_header: Callable[[Header], Awaitable[None]],
+    on_received: Callable[[int], Awaitable[None]],
+    on_applied: Callable[[int, bool], Awaitable[None]],
+    final: bool = True,
+) -> int:
+    """Feed the body through the decoder into the applier's target; returns the body bytes
+    read. `on_received(n)`: n body bytes have arrived. `on_applied(n, broke)`: the first n
+    are decoded and applied (a checkpoint may be taken; `broke`: the body broke off there).
+    `final`: the body ends the stream (False for a segment of a resumable upload)."""
+    loop = asyncio.get_running_loop()
+    received = fed = 0  # body bytes arrived / handed to the decoder
+    pending: asyncio.Future | None = None  # the worker's job
+
+    async def settle() -> None:
+        nonlocal pending
+        assert pending is not None
+        future, pending = pending, None
+        held = await future
+        while held is not None:
+            header = next(held)
+            assert isinstance(header, Header)
+            await on_header(header)
+            held = await loop.run_in_executor(None, applier.apply, held)
+
+    try:
+        eof = False
+        while not eof:
+            batch: list = []
+            size = 0
+            since = 0.0
+            while size < BATCH:
+                try:
+                    chunk = await _next(body, bounded=bool(batch) or pending is not None)
+                except BaseException:
+                    # The body broke off: what arrived is applied (and a resumable upload
+                    # checkpointed there) before the error goes up.
+                    if pending is not None:
+                        await settle()
+                    if batch:
+                        pending = loop.run_in_executor(
+                            None, applier.apply, events_of(decoder, batch, False)
+                        )
+                        fed = received
+                        await settle()
+                    if fed:
+                        await on_applied(fed, True)
+                    raise
+                if chunk is None:
+                    break  # the body paused: do not hold back what arrived
+                if not chunk:
+                    eof = True
+                    break
+                batch.append(chunk)
+                size += len(chunk)
+                received += len(chunk)
+                await on_received(received)
+                now = time.monotonic()
+                if not since:
+                    since = now
+                elif now - since >= AGE:
+                    break  # a trickle: do not wait for the batch to fill
+            if pending is not None:
+                await settle()
+                await on_applied(fed, False)
+            if batch or (eof and final):
+                events = events_of(decoder, batch, eof and final)
+                pending = loop.run_in_executor(None, applier.apply, events)
+                fed = received
+        if pending is not None:
+            await settle()
+            await on_applied(fed, False)
+    finally:
+        if pending is not None:  # the worker may still be writing: the fd must outlive it
+            await asyncio.wait([pending])
+            if not pending.cancelled():
+                pending.exception()
+    return received
+
+
+async def _next(body: Body, bounded: bool) -> bytes | None:
+    """The next bytes of the body (b"" at its end); None if `bounded` and none came within
+    IDLE seconds."""
+    chunk = body.read_nowait()
+    if chunk:
+        return chunk
+    if not bounded:
+        return await body.readany()
+    pause = asyncio.timeout(IDLE)
+    try:
+        async with pause:
+            return await body.readany()
+    except TimeoutError:
+        if pause.expired():
+            return None
+        raise
