@@ -36,5 +36,11 @@ class ApiError(Exception):
         return [self.code, *self.params] if self.params else [self.code, self.message]
 
 
+class ClientGone(ApiError):
+    """The client stopped sending before the end of its body: a resumable upload is
+    suspended by it (it may go on), any other transfer fails."""
+
+
 def bad_request(message: str, *params: object) -> ApiError:
+    """The request itself is wrong (400): a parameter, a header, a body."""
     return ApiError("BAD_REQUEST", message, *params)

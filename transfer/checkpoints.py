@@ -28,6 +28,8 @@ CHECKPOINT_SECONDS = 1.0  # ... or every second while data flows
 
 @dataclass
 class Checkpoint:
+    """An upload's state at a durable stream offset: enough to go on from there."""
+
     offset: int  # stream bytes durable
     decoder: Any  # its state after those bytes
     punch: bool = True  # whether zeros are written (a delta) or the disk reads zero there
@@ -54,6 +56,7 @@ class Schedule:
 
 
 def state_path(state_dir: Path, task: str) -> Path:
+    """Where the checkpoint of an upload's task is kept, on the host that runs it."""
     return state_dir / "uploads" / f"{task}.state"
 
 
@@ -102,6 +105,8 @@ def discard(state_dir: Path, task: str, sr_paths: list[Path]) -> None:
 
 
 def spill_path(sr: Path, task: str) -> Path:
+    """Where an upload's decoder parks bytes: in the SR its VDI is on (bounded by the upload,
+    which the SR has room for anyway)."""
     return sr / f".spill-{task}"
 
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from common.errors import ApiError, bad_request
+from common.errors import ApiError, ClientGone, bad_request
 from formats.errors import FormatError, FramingError, OutOfBounds, Unsupported
 from formats.events import Header
 from formats.registry import RAW, Format, runtime_formats, wire
@@ -53,6 +53,8 @@ class Body(pipeline.Body, Protocol):
 
 @dataclass
 class ImportParams:
+    """What the request asks, as the edge parsed it (query, cookies, upload headers)."""
+
     vdi: str | None
     sr: str | None
     format: str
@@ -551,12 +553,6 @@ def _too_small(declared: int, size: int) -> ApiError:
         size,
         declared,
     )
-
-
-class ClientGone(ApiError):
-    """The body stopped before its end. A resumable upload is suspended, not failed."""
-
-    suspends = True
 
 
 def _short_body(received: int, expected: int | None, cause: BaseException | None = None):

@@ -28,6 +28,8 @@ Parts = list  # contiguous buffers (bytes or memoryviews) of disk data, in order
 
 
 class Target(Protocol):
+    """What the import pipeline writes a VDI through. Blocking: called in a worker thread."""
+
     def write_run(self, offset: int, parts: Parts, punch: bool) -> int:
         """Write `parts`, contiguous from disk `offset`. All-zero blocks are not written:
         skipped, or zeroed when `punch` (the disk may hold data there). Returns the data

@@ -20,7 +20,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from common.errors import ApiError, bad_request
+from common.errors import ApiError, ClientGone, bad_request
 from transfer.db import Database, Row
 from transfer.ids import iso, new_ref, new_uuid
 from transfer.logs import event
@@ -53,6 +53,8 @@ class Transfer:
 
 
 class TaskManager:
+    """Task records and the transfers running under them on this host."""
+
     def __init__(self, db: Database, host_uuid: str, ttl: int):
         self.db = db
         self.host_uuid = host_uuid
@@ -328,7 +330,7 @@ class TaskManager:
                 await asyncio.shield(self._end(transfer, "cancelled", ["CANCELLED"]))
             raise
         except ApiError as exc:
-            if transfer.resumable and getattr(exc, "suspends", False):
+            if transfer.resumable and isinstance(exc, ClientGone):
                 await asyncio.shield(self.suspend(transfer, exc.message))
             else:
                 await asyncio.shield(self.fail(transfer, exc.error_info))
