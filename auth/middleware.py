@@ -36,6 +36,8 @@ REALM = 'Basic realm="vdi-transfer"'
 
 @dataclass(frozen=True)
 class Principal:
+    """Who a request comes from, with which role, and how they proved it."""
+
     username: str
     role: str
     via: str  # "basic" | "session" | "ticket"
@@ -47,6 +49,8 @@ PRINCIPAL = web.RequestKey("principal", Principal)
 
 
 def requires(role: str) -> Callable[[Handler], Handler]:
+    """Mark a handler as needing `role`, or a role above it (auth/roles.py)."""
+
     def mark(handler: Handler) -> Handler:
         handler.required_role = role  # type: ignore[attr-defined]
         return handler
@@ -66,6 +70,7 @@ def accepts_ticket(operation: str) -> Callable[[Handler], Handler]:
 
 
 def public(handler: Handler) -> Handler:
+    """Mark a handler as open to anyone, without credentials."""
     handler.required_role = None  # type: ignore[attr-defined]
     return handler
 
@@ -104,6 +109,8 @@ class _VerifiedCache:
 
 
 class Authenticator:
+    """Turns a request's credentials (Basic, Bearer, ticket or session id) into a Principal."""
+
     def __init__(self, revoked: RevokedSessions, users: UserStore, signer: SessionSigner):
         self.revoked = revoked
         self.users = users

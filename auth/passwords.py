@@ -32,6 +32,7 @@ def _scrypt(password: str, salt: bytes, n: int, r: int, p: int) -> bytes:
 
 
 def hash_password(password: str) -> str:
+    """A new scrypt hash of `password` with a fresh salt, in the stored form."""
     salt = os.urandom(16)
     return f"scrypt${N}${R}${P}${_b64(salt)}${_b64(_scrypt(password, salt, N, R, P))}"
 

@@ -7,4 +7,5 @@ ROLES = ("reader", "operator", "admin")  # reader: records and exports; operator
 
 
 def allows(role: str, required: str) -> bool:
+    """Whether `role` may do what needs the `required` role; an unknown role may do nothing."""
     return role in ROLES and ROLES.index(role) >= ROLES.index(required)

@@ -85,6 +85,8 @@ class RevokedSessions:
 
 @dataclass(frozen=True)
 class Session:
+    """An issued session: the token the client keeps, and the id, user and expiry it stands for."""
+
     token: str
     jti: str
     username: str
@@ -92,6 +94,8 @@ class Session:
 
 
 class SessionSigner:
+    """Issues and checks session tokens, signed with the pool secret, valid `ttl` seconds."""
+
     def __init__(self, secret: bytes, ttl: int):
         self._secret = secret
         self.ttl = ttl

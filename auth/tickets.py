@@ -23,6 +23,8 @@ TICKET_TTL = 60  # seconds: long enough to follow a redirect, short enough not t
 
 @dataclass(frozen=True)
 class Ticket:
+    """What a valid ticket opens: one operation of one user on one VDI or SR, until `expires`."""
+
     username: str
     operation: str  # "import", "export", "extents", "snapshot", ...
     target: str  # the uuid of the VDI (or SR, for a create) it opens
@@ -31,6 +33,8 @@ class Ticket:
 
 
 class TicketSigner:
+    """Issues tickets signed with the pool secret, valid for `ttl` seconds, and checks them."""
+
     def __init__(self, secret: bytes, ttl: int = TICKET_TTL):
         self._secret = secret
         self.ttl = ttl

@@ -14,6 +14,7 @@ USERNAME_MAX = 64
 
 
 def validate_username(username: object) -> str:
+    """The user name if it is 1 to USERNAME_MAX letters, digits or . _ - @; else BAD_REQUEST."""
     if (
         not isinstance(username, str)
         or not 1 <= len(username) <= USERNAME_MAX
@@ -24,12 +25,14 @@ def validate_username(username: object) -> str:
 
 
 def validate_role(role: object) -> str:
+    """The role if it is one of ROLES; else BAD_REQUEST."""
     if role not in ROLES:
         raise bad_request(f"role must be one of {', '.join(ROLES)}", role)
     return role  # type: ignore[return-value]
 
 
 def validate_password(password: object) -> str:
+    """The password if it is a string check_strength accepts; else BAD_REQUEST."""
     if not isinstance(password, str):
         raise bad_request("password must be a string")
     problem = check_strength(password)
@@ -39,6 +42,8 @@ def validate_password(password: object) -> str:
 
 
 class UserStore:
+    """Who may log in, with which password hash and role; never leaves the pool without an admin."""
+
     def __init__(self, db: Database):
         self.db = db
 

@@ -20,6 +20,8 @@ class Executor(Protocol):
 
 
 class Database(Executor, Protocol):
+    """A state store (SQLite or PostgreSQL): an executor that also opens transactions."""
+
     dialect: str  # "sqlite" or "postgresql"
 
     def transaction(self) -> AbstractAsyncContextManager[Executor]:

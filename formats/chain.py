@@ -16,6 +16,8 @@ READ = -1  # a segment's host offset when its data must be read (and decoded) by
 
 
 class Chain:
+    """The layers of one VDI, top first, read as the one disk a reader of the VDI sees."""
+
     def __init__(self, layers: Sequence[ImageDriver]):
         if not layers:
             raise ValueError("a chain needs at least one layer")
@@ -101,6 +103,7 @@ class Chain:
 
 
 def coalesce(runs: list[tuple[int, int, str]]) -> list[tuple[int, int, str]]:
+    """Runs (in order) with neighbours of the same kind merged and empty runs dropped."""
     out: list[tuple[int, int, str]] = []
     for start, n, kind in runs:
         if out and out[-1][2] == kind and out[-1][0] + out[-1][1] == start:

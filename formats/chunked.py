@@ -27,6 +27,7 @@ MAX_FRAME = 2 << 20
 
 
 def frame_header(offset: int, length: int) -> bytes:
+    """The 12-byte header of a frame carrying `length` bytes for disk offset `offset`."""
     return HEADER.pack(offset, length)
 
 

@@ -24,6 +24,8 @@ DATA, ZERO, PARENT = "data", "zero", "parent"
 
 
 class ImageDriver(Protocol):
+    """One layer's image file as the service reads and writes it, whatever its format."""
+
     virtual_size: int
     fd: int
     # Reads the disk as the layers below this one show it (set by whoever stacks the

@@ -25,18 +25,24 @@ from typing import Protocol
 
 @dataclass(frozen=True, slots=True)
 class Header:
+    """How big the disk is (None: the image does not say), and whether it is whole or a delta."""
+
     virtual_size: int | None
     whole_image: bool
 
 
 @dataclass(frozen=True, slots=True)
 class Write:
+    """These bytes of the virtual disk get `data`."""
+
     offset: int
     data: bytes | memoryview
 
 
 @dataclass(frozen=True, slots=True)
 class Zero:
+    """These bytes of the virtual disk must read as zeros afterwards."""
+
     offset: int
     length: int
 

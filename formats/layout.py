@@ -16,6 +16,8 @@ from typing import Protocol
 
 @dataclass(frozen=True)
 class Literal:
+    """Bytes the encoder gives as they are: headers, tables, footers."""
+
     data: bytes
 
     @property
@@ -33,6 +35,8 @@ class Data:
 
 @dataclass(frozen=True)
 class Zero:
+    """`length` bytes of zeros."""
+
     length: int
 
 
@@ -67,6 +71,8 @@ class OutputLayout(Protocol):
 
 
 class Layout:
+    """An OutputLayout that lists its pieces, with where each starts, to slice by bisection."""
+
     def __init__(self, pieces: list[Piece]):
         self.pieces = [p for p in pieces if p.length]
         self.starts: list[int] = []

@@ -53,6 +53,8 @@ LayDelta = Callable[[int, Changes, Identity, Identity], OutputLayout]
 
 @dataclass(frozen=True)
 class Format:
+    """One format, and what the service can do with it: None where it cannot do that."""
+
     name: str
     # -- upload --------------------------------------------------------------------------
     decoder: MakeDecoder | None = None
@@ -263,10 +265,12 @@ FORMATS: dict[str, Format] = {f.name: f for f in (RAW, VHD, QCOW2, TAR, OVA)}
 
 
 def upload_formats() -> tuple[str, ...]:
+    """What `format=` may name on an import."""
     return tuple(name for name, f in FORMATS.items() if f.decoder is not None)
 
 
 def export_formats() -> tuple[str, ...]:
+    """What `format=` may name on an export."""
     return tuple(name for name, f in FORMATS.items() if f.layout is not None)
 
 

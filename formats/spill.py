@@ -14,6 +14,8 @@ from typing import Protocol
 
 
 class Spill(Protocol):
+    """Scratch store, addressed by stream offset, for bytes a decoder must keep for later."""
+
     def write(self, offset: int, data: bytes | memoryview) -> None: ...
 
     def read(self, offset: int, length: int) -> bytes: ...

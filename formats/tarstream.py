@@ -52,6 +52,8 @@ _SIGNED_SUM = struct.Struct("148b8x356b")
 
 @dataclass(frozen=True, slots=True)
 class MemberStart:
+    """A member's header was read; `size` data bytes follow (0 where the type carries none)."""
+
     name: str
     size: int
     type: str  # the tar typeflag: REGULAR ("0") for files, "5" directories, "2" symlinks...
@@ -63,16 +65,22 @@ class MemberStart:
 
 @dataclass(frozen=True, slots=True)
 class MemberData:
+    """The next bytes of the current member's data: a slice of the fed buffer, not a copy."""
+
     data: memoryview
 
 
 @dataclass(frozen=True, slots=True)
 class MemberEnd:
+    """The member's data is complete."""
+
     name: str
 
 
 @dataclass(frozen=True, slots=True)
 class ArchiveEnd:
+    """The end-of-archive marker (two zero blocks) was read."""
+
     pass
 
 

@@ -107,6 +107,7 @@ def vhd_timestamp(unix_seconds: float) -> int:
 
 
 def round_up(value: int, multiple: int) -> int:
+    """`value` rounded up to a multiple of `multiple`."""
     return -(-value // multiple) * multiple
 
 
@@ -133,6 +134,8 @@ def chs_geometry(total_sectors: int) -> tuple[int, int, int]:
 
 @dataclass(frozen=True, slots=True)
 class VhdFooter:
+    """The fields of a checked footer (parse_footer) that the decoder and the driver use."""
+
     data_offset: int
     timestamp: int
     creator_app: bytes
@@ -143,6 +146,8 @@ class VhdFooter:
 
 @dataclass(frozen=True, slots=True)
 class DynamicHeader:
+    """The fields of a checked dynamic header (parse_dynamic_header) the decoder and driver use."""
+
     table_offset: int
     max_table_entries: int
     block_size: int
@@ -731,6 +736,7 @@ def build_footer(
 def build_dynamic_header(
     table_offset: int, entries: int, block_size: int, parent: tuple[bytes, int, str] | None
 ) -> bytes:
+    """A checksummed dynamic header; with `parent` (uuid, timestamp, name) a differencing one's."""
     parent_uuid, parent_timestamp, parent_name = parent or (bytes(16), 0, "")
     name = parent_name.encode("utf-16-be")
     fields = HeaderFields(

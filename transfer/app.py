@@ -81,6 +81,7 @@ async def _bootstrap_admin(svc: Services) -> None:
 
 
 async def open_services(config: Config) -> Services:
+    """This host's services on its state store, none started: the offline CLI opens them too."""
     config.state_dir.mkdir(parents=True, exist_ok=True)
     db = await open_database(config.database)
     host_uuid = load_or_create_host_uuid(config.state_dir)
@@ -126,6 +127,8 @@ def mark_shutting_down(app: web.Application) -> None:
 
 
 def create_app(config: Config) -> web.Application:
+    """One host's app: its lifecycle opens the services, starts the background loops, and closes
+    both in order."""
     app = web.Application(
         middlewares=[errors_as_json, auth_middleware.middleware(lambda r: r.app[SERVICES].auth)]
     )

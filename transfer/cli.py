@@ -22,6 +22,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """`serve`, and the offline commands: `user`, `host`, `sr`, `vdi verify`."""
     parser = argparse.ArgumentParser(
         prog="vdi-transfer", description="Move virtual disks in and out of storage over HTTP."
     )
@@ -218,6 +219,7 @@ def _vdi(args: argparse.Namespace, config: Config) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command's exit status: 1 on an API error, 2 on bad configuration, 130 if interrupted."""
     args = build_parser().parse_args(argv)
     options = {
         k: v

@@ -19,6 +19,8 @@ class ConfigError(Exception):
 
 @dataclass
 class Config:
+    """What a host runs with; `load` fills it from the defaults, file, environment and options."""
+
     host: str = "127.0.0.1"
     port: int = 8080
     state_dir: Path = Path("./data")

@@ -15,10 +15,12 @@ T = TypeVar("T")
 
 
 async def in_thread(fn: Callable[..., T], *args: object) -> T:
+    """Run a blocking call in a worker thread, so the event loop does not wait on it."""
     return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
 
 
 def fsync_dir(path: Path) -> None:
+    """Make a directory's entries durable: what was created, renamed or removed in it."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -27,10 +29,12 @@ def fsync_dir(path: Path) -> None:
 
 
 def ensure_sr_dir(path: Path) -> None:
+    """An SR's directory, created if missing (0750: no access for other users)."""
     path.mkdir(parents=True, exist_ok=True, mode=0o750)
 
 
 def remove(path: Path) -> None:
+    """Unlink a file durably (its directory is synced); a missing file is no error."""
     try:
         path.unlink()
     except FileNotFoundError:

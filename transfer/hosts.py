@@ -29,6 +29,8 @@ def load_or_create_host_uuid(state_dir: Path) -> str:
 
 
 class HostService:
+    """The pool's hosts: this one registered at start, heartbeating while it runs; who is live."""
+
     def __init__(self, db: Database, host_uuid: str, heartbeat_interval: int):
         self.db = db
         self.uuid = host_uuid

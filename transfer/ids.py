@@ -7,6 +7,7 @@ import uuid
 
 
 def new_uuid() -> str:
+    """A random (version 4) uuid as a string: the id of a new record."""
     return str(uuid.uuid4())
 
 

@@ -38,6 +38,7 @@ def open_chain(layers: list[tuple[Path, str]], *, writable: bool) -> Chain:
 
 
 def close_chain(chain: Chain) -> None:
+    """Close every layer of a chain open_chain opened."""
     for driver in chain.layers:
         driver.close()
 

@@ -57,6 +57,7 @@ def setup(fmt: str = "logfmt", level: str = "info") -> None:
 
 
 def event(logger: logging.Logger, _event: str, _level: int = logging.INFO, **fields: Any) -> None:
+    """Log `_event` with `fields` as its structured fields (logfmt or JSON, see `setup`)."""
     logger.log(_level, _event, extra={"fields": fields})
 
 

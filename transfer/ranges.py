@@ -42,6 +42,7 @@ def requested_range(
 
 
 def not_satisfiable(length: int) -> ApiError:
+    """RANGE_NOT_SATISFIABLE (416) for a range outside an export of `length` bytes."""
     return ApiError(
         "RANGE_NOT_SATISFIABLE",
         f"the range is outside the {length} bytes of this export",

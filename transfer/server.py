@@ -40,5 +40,6 @@ async def _serve(config: Config) -> None:
 
 
 def serve(config: Config) -> None:
+    """Run the server on uvloop until SIGTERM or SIGINT, then stop gracefully."""
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(_serve(config))

@@ -18,6 +18,8 @@ from transfer.vdis import VdiService
 
 @dataclass
 class Services:
+    """What one running host is made of; handlers reach it with `services(request)`."""
+
     config: Config
     db: Database
     hosts: HostService
@@ -32,4 +34,5 @@ SERVICES = web.AppKey("services", Services)
 
 
 def services(request: web.Request) -> Services:
+    """The services of the host serving this request."""
     return request.app[SERVICES]

@@ -18,6 +18,8 @@ MARKER = ".vdi-transfer-sr"  # in an SR's directory: whose it is, so a wrong mou
 
 
 class SrService:
+    """The SRs of the pool: their records, their directories, and which host serves each."""
+
     def __init__(self, db: Database, host_uuid: str, state_dir: Path):
         self.db = db
         self.host_uuid = host_uuid

@@ -30,6 +30,9 @@ def _being_exported(vdi_uuid: str) -> ApiError:
 
 
 class VdiService:
+    """VDIs and their files kept in step: create, snapshot, clone, delete, and the locks and
+    read leases transfers hold."""
+
     def __init__(self, db: Database, srs: SrService, hosts: HostService):
         self.db = db
         self.srs = srs

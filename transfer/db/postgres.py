@@ -49,6 +49,8 @@ class _PgConn:
 
 
 class PostgresDatabase:
+    """The state store a pool's hosts share: a Database on an asyncpg connection pool."""
+
     dialect = "postgresql"
 
     def __init__(self, pool: asyncpg.Pool):

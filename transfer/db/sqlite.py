@@ -41,6 +41,8 @@ class _Conn:
 
 
 class SQLiteDatabase:
+    """The state store of a single host: a Database on one SQLite file."""
+
     dialect = "sqlite"
 
     def __init__(self, conn: sqlite3.Connection, thread: ThreadPoolExecutor):

@@ -13,6 +13,7 @@ MAX_JSON_BODY = 1 << 20
 
 
 def json_response(data: Any, status: int = 200, **kwargs: Any) -> web.Response:
+    """A JSON answer; `kwargs` (headers, ...) go to web.Response."""
     return web.Response(
         text=json.dumps(data), status=status, content_type="application/json", **kwargs
     )

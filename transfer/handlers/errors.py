@@ -47,6 +47,7 @@ HTTP_ERROR_CODES = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED", 413: "BAD_REQUE
 
 
 def status_of(exc: ApiError) -> int:
+    """The status an error leaves with: its own if it sets one, else its code's, else 500."""
     return exc.status if exc.status is not None else STATUS_BY_CODE.get(exc.code, 500)
 
 

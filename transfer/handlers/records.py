@@ -18,12 +18,14 @@ from transfer.sizes import parse_size
 
 @requires("reader")
 async def list_hosts(request: web.Request) -> web.Response:
+    """GET /hosts: the records of all hosts of the pool, with their liveness."""
     hosts = services(request).hosts
     return json_response([hosts.to_json(row) for row in await hosts.list()])
 
 
 @requires("reader")
 async def get_host(request: web.Request) -> web.Response:
+    """GET /hosts/{uuid}: the host's record."""
     hosts = services(request).hosts
     return json_response(hosts.to_json(await hosts.get(request.match_info["uuid"])))
 
@@ -33,12 +35,14 @@ async def get_host(request: web.Request) -> web.Response:
 
 @requires("reader")
 async def list_srs(request: web.Request) -> web.Response:
+    """GET /srs: the records of all SRs, with their sizes."""
     srs = services(request).srs
     return json_response(await asyncio.gather(*(srs.to_json(r) for r in await srs.list())))
 
 
 @requires("reader")
 async def get_sr(request: web.Request) -> web.Response:
+    """GET /srs/{uuid}: the SR's record."""
     srs = services(request).srs
     return json_response(await srs.to_json(await srs.get(request.match_info["uuid"])))
 
@@ -56,6 +60,7 @@ async def list_vdis(request: web.Request) -> web.Response:
 
 @requires("reader")
 async def get_vdi(request: web.Request) -> web.Response:
+    """GET /vdis/{uuid}: the VDI's record."""
     vdis = services(request).vdis
     row = await vdis.get(request.match_info["uuid"])
     request[LOG_FIELDS]["vdi"] = row["uuid"]
@@ -97,6 +102,7 @@ async def _served_vdi(request: web.Request, operation: str) -> str:
 @requires("operator")
 @accepts_ticket("delete")
 async def delete_vdi(request: web.Request) -> web.Response:
+    """DELETE /vdis/{uuid}: remove the VDI, on the host that serves it; answers 204."""
     await services(request).vdis.delete(await _served_vdi(request, "delete"))
     return web.Response(status=204)
 
@@ -130,12 +136,14 @@ async def _derive(request: web.Request, snapshot: bool) -> web.Response:
 
 @requires("reader")
 async def list_tasks(request: web.Request) -> web.Response:
+    """GET /tasks: the records of all tasks."""
     tasks = services(request).tasks
     return json_response([tasks.to_json(row) for row in await tasks.list()])
 
 
 @requires("reader")
 async def get_task(request: web.Request) -> web.Response:
+    """GET /tasks/{uuid}: the task's record, with its progress."""
     tasks = services(request).tasks
     row = await tasks.get(request.match_info["uuid"])
     request[LOG_FIELDS]["task"] = row["uuid"]
@@ -156,6 +164,7 @@ async def create_task(request: web.Request) -> web.Response:
 
 @requires("operator")
 async def cancel_task(request: web.Request) -> web.Response:
+    """POST /tasks/{uuid}/cancel: cancel the task (and stop its transfer); its record."""
     tasks = services(request).tasks
     row = await tasks.cancel(request.match_info["uuid"])
     request[LOG_FIELDS]["task"] = row["uuid"]
@@ -164,6 +173,7 @@ async def cancel_task(request: web.Request) -> web.Response:
 
 @requires("operator")
 async def destroy_task(request: web.Request) -> web.Response:
+    """DELETE /tasks/{uuid}: forget a task that has no transfer running; answers 204."""
     request[LOG_FIELDS]["task"] = request.match_info["uuid"]
     await services(request).tasks.destroy(request.match_info["uuid"])
     return web.Response(status=204)

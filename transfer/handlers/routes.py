@@ -53,6 +53,7 @@ ANSWERS_CONTINUE = {transfers.import_raw_vdi, transfers.upload_append}
 
 
 def add_routes(app: web.Application) -> None:
+    """Register ROUTES; handlers that answer 100-continue themselves get no automatic one."""
     for method, path, handler in ROUTES:
         if method == "GET":
             app.router.add_get(path, handler)

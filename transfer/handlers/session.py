@@ -65,6 +65,7 @@ async def login(request: web.Request) -> web.Response:
 
 @requires("reader")
 async def whoami(request: web.Request) -> web.Response:
+    """GET /session: the caller's user name, role, and how they authenticated."""
     principal = request[PRINCIPAL]
     return json_response(
         {"username": principal.username, "role": principal.role, "via": principal.via}

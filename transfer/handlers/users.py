@@ -11,17 +11,20 @@ from transfer.services import services
 
 @requires("admin")
 async def list_users(request: web.Request) -> web.Response:
+    """GET /users: every user's name and role."""
     return json_response(await services(request).users.list())
 
 
 @requires("admin")
 async def get_user(request: web.Request) -> web.Response:
+    """GET /users/{username}: the user's name and role."""
     user = await services(request).users.require(request.match_info["username"])
     return json_response({"username": user["username"], "role": user["role"]})
 
 
 @requires("admin")
 async def add_user(request: web.Request) -> web.Response:
+    """POST /users: JSON {username, password, role?} -> 201 with the user's name and role."""
     body = await read_json(request)
     username = field(body, "username", str, required=True)
     password = field(body, "password", str, required=True)
@@ -49,5 +52,6 @@ async def change_user(request: web.Request) -> web.Response:
 
 @requires("admin")
 async def remove_user(request: web.Request) -> web.Response:
+    """DELETE /users/{username}: remove the user (never the last admin); answers 204."""
     await services(request).users.remove(request.match_info["username"])
     return web.Response(status=204)
