@@ -24,12 +24,6 @@ class RequestBody:
         except http_exceptions.HttpProcessingError as exc:
             raise ConnectionResetError(str(exc)) from exc
 
-    def read_nowait(self) -> bytes:
-        try:
-            return self._content.read_nowait()
-        except http_exceptions.HttpProcessingError as exc:
-            raise ConnectionResetError(str(exc)) from exc
-
     async def read(self, n: int) -> bytes:
         try:
             return await self._content.read(n)
