@@ -67,7 +67,6 @@ class Export:
         self.etag = etag
         self.chain = chain
         self.transfer: Transfer | None = None
-        self.task_ref = ""
 
     @property
     def length(self) -> int:
@@ -87,12 +86,16 @@ class Export:
         assert self.transfer is not None
         return self.transfer.task
 
+    @property
+    def task_ref(self) -> str:
+        assert self.transfer is not None
+        return self.transfer.ref
+
     async def start(self, user: str) -> None:
         """A task for the transfer of the body."""
         self.transfer = await self.svc.tasks.begin(
             None, f"export_raw_vdi {self.vdi['uuid']}", user, self.vdi["uuid"]
         )
-        self.task_ref = (await self.svc.tasks.get(self.task))["ref"]
 
     async def send(self, sink: Sink, start: int, end: int) -> int:
         """Output bytes [start, end) into the sink, under the task, which ends with it;

@@ -222,7 +222,6 @@ class Import:
         self.skip = plan.skip
         self.created = False  # the import created the VDI: a failed import removes it again
         self.transfer: Transfer | None = None
-        self.task_ref = ""
         self._applier = Applier()
         self._received = 0  # body bytes read after the skipped start
 
@@ -247,6 +246,11 @@ class Import:
         return self.transfer.task
 
     @property
+    def task_ref(self) -> str:
+        assert self.transfer is not None
+        return self.transfer.ref
+
+    @property
     def bytes(self) -> int:
         """Stream bytes received so far (a resumed upload counts from its start)."""
         return self.transfer.bytes if self.transfer else 0
@@ -267,7 +271,6 @@ class Import:
             if self.created:
                 await svc.vdis.delete(self.vdi["uuid"])
             raise
-        self.task_ref = (await svc.tasks.get(self.task))["ref"]
         if params.resumable:  # the client can name this upload again
             length = params.content_range[2] if params.content_range else self.expected
             await svc.tasks.make_resumable(self.transfer, params.format, params.chunked, length)

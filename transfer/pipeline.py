@@ -159,6 +159,13 @@ async def run(
             await on_header(header)
             held = await loop.run_in_executor(None, applier.apply, held)
 
+    def dispatch(chunks: list, last: bool) -> None:
+        """Hand what arrived to the worker (`last`: with the stream's end)."""
+        nonlocal pending, fed
+        events = events_of(decoder, chunks, last)
+        pending = loop.run_in_executor(None, applier.apply, events)
+        fed = received
+
     try:
         eof = False
         while not eof:
@@ -174,10 +181,7 @@ async def run(
                     if pending is not None:
                         await settle()
                     if batch:
-                        pending = loop.run_in_executor(
-                            None, applier.apply, events_of(decoder, batch, False)
-                        )
-                        fed = received
+                        dispatch(batch, False)
                         await settle()
                     if fed:
                         await on_applied(fed, True)
@@ -200,9 +204,7 @@ async def run(
                 await settle()
                 await on_applied(fed, False)
             if batch or (eof and final):
-                events = events_of(decoder, batch, eof and final)
-                pending = loop.run_in_executor(None, applier.apply, events)
-                fed = received
+                dispatch(batch, eof and final)
         if pending is not None:
             await settle()
             await on_applied(fed, False)

@@ -41,6 +41,7 @@ class Transfer:
     task: str
     vdi: str | None
     user: str | None
+    ref: str = ""  # the task's OpaqueRef, for the task-id header
     aio_task: asyncio.Task | None = None
     bytes: int = 0
     progress: float = 0.0
@@ -205,7 +206,9 @@ class TaskManager:
                 f"task {row['uuid']} already has a transfer running",
                 row["uuid"],
             )
-        transfer = Transfer(task=row["uuid"], vdi=vdi, user=user, aio_task=asyncio.current_task())
+        transfer = Transfer(
+            task=row["uuid"], vdi=vdi, user=user, ref=row["ref"], aio_task=asyncio.current_task()
+        )
         if self.shutting_down:
             transfer.abort_error = SHUTTING_DOWN
         self.running[transfer.task] = transfer
