@@ -264,19 +264,10 @@ OVA = Format("ova", decoder=_image_decoder(OvaDecoder), spills=True, states_size
 FORMATS: dict[str, Format] = {f.name: f for f in (RAW, VHD, QCOW2, TAR, OVA)}
 
 
-def upload_formats() -> tuple[str, ...]:
-    """What `format=` may name on an import."""
-    return tuple(name for name, f in FORMATS.items() if f.decoder is not None)
-
-
-def export_formats() -> tuple[str, ...]:
-    """What `format=` may name on an export."""
-    return tuple(name for name, f in FORMATS.items() if f.layout is not None)
-
-
-def runtime_formats() -> tuple[str, ...]:
-    """How a VDI may be stored."""
-    return tuple(name for name, f in FORMATS.items() if f.driver is not None)
+# What `format=` may name on an import, on an export, and how a VDI may be stored.
+UPLOAD_FORMATS = tuple(name for name, f in FORMATS.items() if f.decoder is not None)
+EXPORT_FORMATS = tuple(name for name, f in FORMATS.items() if f.layout is not None)
+RUNTIME_FORMATS = tuple(name for name, f in FORMATS.items() if f.driver is not None)
 
 
 def wire(name: str, chunked: bool) -> Format:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from formats.registry import runtime_formats, upload_formats
+from formats.registry import RUNTIME_FORMATS, UPLOAD_FORMATS
 
 
 class ConfigError(Exception):
@@ -58,8 +58,7 @@ class Config:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config) if f.name != "image_mapping"}
-SOURCE_FORMATS = upload_formats()  # what an upload may be
-RUNTIME_FORMATS = runtime_formats()  # how a VDI may be stored
+SOURCE_FORMATS = UPLOAD_FORMATS  # what an upload may be
 
 
 def parse_images_type_mapping(text: str, default: str) -> dict[str, str]:

@@ -26,7 +26,7 @@ from typing import Protocol
 from common.errors import ApiError, ClientGone, bad_request
 from formats.errors import FormatError, FramingError, OutOfBounds, Unsupported
 from formats.events import Header
-from formats.registry import RAW, Format, runtime_formats, wire
+from formats.registry import RAW, RUNTIME_FORMATS, Format, wire
 from transfer import checkpoints, layers, pipeline
 from transfer.db import Row
 from transfer.files import in_thread
@@ -70,7 +70,7 @@ class ImportParams:
     def resumable(self) -> bool:
         return bool(self.task_id) or self.announced
 
-    @property
+    @functools.cached_property
     def wire(self) -> Format:
         """What the body is: the format, or XAPI's chunk framing of raw data."""
         return wire(self.format, self.chunked)
@@ -222,7 +222,7 @@ class Import:
         self.skip = plan.skip
         self.created = False  # the import created the VDI: a failed import removes it again
         self.transfer: Transfer | None = None
-        self._applier = Applier()
+        self._applier = Applier()  # where the body's events land
         self._received = 0  # body bytes read after the skipped start
 
     @classmethod
@@ -522,7 +522,7 @@ class Import:
         format, else the default; if the SR cannot store that, the SR's default."""
         config = self.svc.config
         wanted = config.image_mapping.get(self.params.format, config.images_type)
-        if wanted in self.svc.srs.formats(self.sr) and wanted in runtime_formats():
+        if wanted in self.svc.srs.formats(self.sr) and wanted in RUNTIME_FORMATS:
             return wanted
         return self.sr["default_image_format"]
 

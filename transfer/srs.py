@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from common.errors import ApiError, bad_request
-from formats.registry import RAW, runtime_formats
+from formats.registry import RAW, RUNTIME_FORMATS
 from transfer import files
 from transfer.db import Database, Row
 from transfer.ids import new_ref, new_uuid
@@ -34,9 +34,7 @@ class SrService:
         if row is None:
             sr_uuid = new_uuid()
             path = (self.state_dir / "srs" / sr_uuid).resolve()
-            row = await self._insert(
-                sr_uuid, LOCAL_SR_NAME, path, False, runtime_formats(), RAW.name
-            )
+            row = await self._insert(sr_uuid, LOCAL_SR_NAME, path, False, RUNTIME_FORMATS, RAW.name)
         await files.in_thread(files.ensure_sr_dir, Path(row["path"]))
         return row
 
@@ -53,10 +51,10 @@ class SrService:
         host has); a local one is created. Either gets a marker naming the SR."""
         if not path.is_absolute():
             raise bad_request(f"the SR's path must be absolute, not {path}")
-        unknown = [f for f in formats if f not in runtime_formats()]
+        unknown = [f for f in formats if f not in RUNTIME_FORMATS]
         if unknown or not formats:
             raise bad_request(
-                f"image formats must be some of {', '.join(runtime_formats())}, not {formats}"
+                f"image formats must be some of {', '.join(RUNTIME_FORMATS)}, not {formats}"
             )
         if default_format not in formats:
             raise bad_request(f"the default image format {default_format} is not in {formats}")

@@ -15,7 +15,7 @@ from aiohttp import web
 from auth.middleware import PRINCIPAL, accepts_ticket, requires
 from common.errors import ApiError, bad_request
 from common.logfields import LOG_FIELDS
-from formats.registry import export_formats, upload_formats
+from formats.registry import EXPORT_FORMATS, UPLOAD_FORMATS
 from transfer import exports, imports, pool
 from transfer.handlers.common import choose_format, json_response
 from transfer.handlers.errors import error_response
@@ -68,7 +68,7 @@ async def import_raw_vdi(request: web.Request) -> web.StreamResponse:
     params = imports.ImportParams(
         vdi=param(request, "vdi"),
         sr=param(request, "sr"),
-        format=choose_format(param(request, "format"), upload_formats(), "import"),
+        format=choose_format(param(request, "format"), UPLOAD_FORMATS, "import"),
         chunked=flag(request, "chunked"),
         task_id=param(request, "task_id"),
         virtual_size=param(request, "virtual_size"),
@@ -260,7 +260,7 @@ async def export_raw_vdi(request: web.Request) -> web.StreamResponse:
     vdi_ident = param(request, "vdi")
     if not vdi_ident:
         raise bad_request("give vdi= (the VDI to export)")
-    fmt = choose_format(param(request, "format"), export_formats(), "export")
+    fmt = choose_format(param(request, "format"), EXPORT_FORMATS, "export")
     chunked = flag(request, "chunked")
     vdi = await svc.vdis.get(vdi_ident)
     request[LOG_FIELDS]["vdi"] = vdi["uuid"]
