@@ -32,7 +32,7 @@ from transfer import deltas, layers
 from transfer.db import Row
 from transfer.files import in_thread
 from transfer.services import Services
-from transfer.tasks import Transfer
+from transfer.tasks import Operation
 
 log = logging.getLogger("vdi_transfer.export")
 
@@ -54,7 +54,7 @@ class Sink(Protocol):
         sendfile(2) (the caller closes it); None where bytes must go through `write`."""
 
 
-class Export:
+class Export(Operation):
     """One export of a VDI, laid out; its chain stays open (read-only) until it is closed."""
 
     def __init__(
@@ -66,7 +66,6 @@ class Export:
         self.layout = layout
         self.etag = etag
         self.chain = chain
-        self.transfer: Transfer | None = None
 
     @property
     def length(self) -> int:
@@ -80,16 +79,6 @@ class Export:
     @property
     def filename(self) -> str:
         return f"{self.vdi['uuid']}.{self.wire.name}"
-
-    @property
-    def task(self) -> str:
-        assert self.transfer is not None
-        return self.transfer.task
-
-    @property
-    def task_ref(self) -> str:
-        assert self.transfer is not None
-        return self.transfer.ref
 
     async def start(self, user: str) -> None:
         """A task for the transfer of the body."""

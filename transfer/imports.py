@@ -35,7 +35,7 @@ from transfer.pipeline import Applier
 from transfer.services import Services
 from transfer.sizes import parse_size, round_to_sector
 from transfer.targets import ChainTop, RawFile, Target
-from transfer.tasks import Transfer
+from transfer.tasks import Operation
 
 log = logging.getLogger("vdi_transfer.import")
 
@@ -208,7 +208,7 @@ async def _plan_resume(svc: Services, params: ImportParams) -> Plan:
     return Plan(vdi, sr, vdi["virtual_size"], resume_offset=durable, skip=durable - start)
 
 
-class Import:
+class Import(Operation):
     """One import, from its checks to its end. See the module docstring for the order."""
 
     def __init__(self, svc: Services, params: ImportParams, plan: Plan, expected: int | None):
@@ -221,7 +221,6 @@ class Import:
         self.resume_offset = plan.resume_offset
         self.skip = plan.skip
         self.created = False  # the import created the VDI: a failed import removes it again
-        self.transfer: Transfer | None = None
         self._applier = Applier()  # where the body's events land
         self._received = 0  # body bytes read after the skipped start
 
@@ -239,16 +238,6 @@ class Import:
         """An empty PUT that is not part of an upload: clients probe with it. It is
         answered, but nothing is created or written."""
         return self.expected == 0 and self.params.complete and not self.params.content_range
-
-    @property
-    def task(self) -> str:
-        assert self.transfer is not None
-        return self.transfer.task
-
-    @property
-    def task_ref(self) -> str:
-        assert self.transfer is not None
-        return self.transfer.ref
 
     @property
     def bytes(self) -> int:

@@ -53,6 +53,23 @@ class Transfer:
     started: float = field(default_factory=time.monotonic)
 
 
+class Operation:
+    """An import or an export: from its `start` on it runs under a task, as a Transfer."""
+
+    transfer: Transfer | None = None
+
+    @property
+    def task(self) -> str:
+        assert self.transfer is not None
+        return self.transfer.task
+
+    @property
+    def task_ref(self) -> str:
+        """The task's OpaqueRef, as XAPI's task-id header carries it."""
+        assert self.transfer is not None
+        return self.transfer.ref
+
+
 class TaskManager:
     """Task records and the transfers running under them on this host."""
 
