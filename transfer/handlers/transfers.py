@@ -85,10 +85,11 @@ async def _import(request: web.Request, params: imports.ImportParams) -> web.Str
     """An import (PUT) or an append to an upload resource (PATCH), from checks to answer."""
     svc = services(request)
     log_fields = request[LOG_FIELDS]
+    length = _content_length(request)
     where = await imports.placement(svc, params)
     if where is not None:
         await pool.route(request, "import", *where)
-    op = await imports.Import.plan(svc, params, _content_length(request))
+    op = await imports.Import.plan(svc, params, length)
     log_fields["vdi"] = op.target_uuid
     if op.probe:
         # Clients probe with an empty PUT: answer, but create and write nothing.
