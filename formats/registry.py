@@ -61,6 +61,7 @@ class Format:
     spills: bool = False  # its decoder may meet bytes before their meaning: give it a Spill
     states_size: bool = False  # the image's header says how big the disk is
     length_is_size: bool = False  # the stream's length is the disk's size (raw bytes)
+    overlaps: bool = False  # it may write the same bytes twice: its zeros are always written
     # -- runtime format: how a VDI is stored ----------------------------------------------
     driver: type | None = None  # `open(path, writable=)` gives an ImageDriver
     create: MakeImage | None = None  # a new empty image file, a child layer of `parent`
@@ -221,6 +222,7 @@ RAW = Format(
 CHUNKED = Format(
     "chunked",
     decoder=_chunk_decoder,
+    overlaps=True,  # frames may come in any order and cover each other
     content_type="application/octet-stream",
     layout=_frames_layout,
     delta_layout=_frames_delta,

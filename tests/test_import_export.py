@@ -450,6 +450,24 @@ def test_failed_import_into_new_vdi_leaves_no_vdi(srv, tmp_path):
     assert files == {f"{u}.raw" for u in before if api(f"{srv.url}/vdis/{u}")[1]["sr"] == sr}
 
 
+def test_frames_over_frames_in_a_new_vdi(srv, tmp_path):
+    """Frames may overlap: a later frame of zeros over an earlier frame's data leaves zeros,
+    in a VDI the import creates too (where zeros need not be written otherwise)."""
+    _, srs = api(f"{srv.url}/srs")
+    sr = srs[0]["uuid"]
+    data = os.urandom(MiB)
+    body = frame(0, data) + frame(0, bytes(256 << 10)) + frame(768 << 10, bytes(1000)) + END
+    path = tmp_path / "frames"
+    path.write_bytes(body)
+    status, result, _ = curl_upload(
+        f"{srv.url}/import_raw_vdi?sr={sr}&chunked=true&virtual_size=1M", "-T", str(path)
+    )
+    assert status == 200, result
+    expected = bytes(256 << 10) + data[256 << 10 : 768 << 10] + bytes(1000)
+    expected += data[(768 << 10) + 1000 :]
+    assert vdi_file(srv, api(f"{srv.url}/vdis/{result['vdi']}")[1]).read_bytes() == expected
+
+
 def test_empty_put_is_a_no_op(srv, tmp_path):
     vdi = create_vdi(srv.url, MiB)
     tasks_before = len(api(f"{srv.url}/tasks")[1])

@@ -480,12 +480,14 @@ class Import(Operation):
         if applier.target is None:
             applier.target = await self._open_target()
             applier.size = size
-        # A VDI this import created reads as zeros: nothing needs clearing or zeroing there.
-        # A whole image replaces the disk up to its size: clear that first, so what it
-        # leaves unallocated reads as zero; then its zeros need not be written.
+        # A VDI this import created reads as zeros: nothing needs clearing there, nor zeroing,
+        # unless the stream may write a range twice (zeros over its own data). A whole image
+        # replaces the disk up to its size: clear that first, so what it leaves unallocated
+        # reads as zero; then its zeros need not be written.
         if header.whole_image and not self.created:
             await in_thread(applier.target.zero, 0, declared or size)
-        applier.punch = not (header.whole_image or self.created)
+        fresh = self.created and not self.params.wire.overlaps
+        applier.punch = not (header.whole_image or fresh)
         event(
             log,
             "import.header",
