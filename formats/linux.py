@@ -16,7 +16,9 @@ _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
+SYNC_FILE_RANGE_WAIT_BEFORE = 0x1
 SYNC_FILE_RANGE_WRITE = 0x2
+SYNC_FILE_RANGE_WAIT_AFTER = 0x4
 
 try:
     _fallocate = _libc.fallocate64
@@ -47,3 +49,11 @@ def start_writeback(fd: int, offset: int, length: int) -> None:
     has little left to do. Best effort."""
     if _sync_file_range is not None:
         _sync_file_range(fd, offset, length, SYNC_FILE_RANGE_WRITE)
+
+
+def finish_writeback(fd: int, offset: int, length: int) -> None:
+    """Wait until the range's dirty pages are on their way to disk and written (not a
+    durability barrier: the disk's cache and the metadata need fsync). Best effort."""
+    if _sync_file_range is not None:
+        flags = SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE | SYNC_FILE_RANGE_WAIT_AFTER
+        _sync_file_range(fd, offset, length, flags)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -502,8 +501,7 @@ class Import(Operation):
         """A raw VDI's file is the disk: written directly. Any other through its chain."""
         vdi = self.vdi
         if vdi["image_format"] == RAW.name:
-            fd = await in_thread(os.open, await self.svc.vdis.path(vdi), os.O_WRONLY)
-            return RawFile(fd)
+            return await in_thread(RawFile.open, await self.svc.vdis.path(vdi))
         files = await self.svc.vdis.chain_files(vdi)
         chain = await in_thread(functools.partial(layers.open_chain, files, writable=True))
         return ChainTop(chain)
