@@ -6,6 +6,7 @@ import base64
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -112,11 +113,19 @@ def free_port(host: str = "127.0.0.1") -> int:
 class ServerProcess:
     """`vdi-transfer serve` as a user runs it, on a loopback port, with its own state dir."""
 
-    def __init__(self, state_dir: Path, env: dict[str, str] | None = None, host: str = "127.0.0.1"):
+    def __init__(
+        self,
+        state_dir: Path,
+        env: dict[str, str] | None = None,
+        host: str = "127.0.0.1",
+        cafile: Path | None = None,
+    ):
+        """With `cafile` (the CA of the certificate `env` gives it), the server speaks HTTPS."""
         self.state_dir = state_dir
         self.host = host
         self.port = free_port(host)
-        self.url = f"http://{host}:{self.port}"
+        self.url = f"{'https' if cafile else 'http'}://{host}:{self.port}"
+        self.tls = ssl.create_default_context(cafile=str(cafile)) if cafile else None
         self.log_path = state_dir.parent / f"server-{self.port}.log"
         self.extra_env = env or {}
         self.proc: subprocess.Popen | None = None
@@ -146,7 +155,9 @@ class ServerProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited: {self.log_path.read_text()}")
             try:
-                with urllib.request.urlopen(self.url + "/health", timeout=1) as resp:
+                with urllib.request.urlopen(
+                    self.url + "/health", timeout=1, context=self.tls
+                ) as resp:
                     if resp.status == 200:
                         return self
             except OSError:

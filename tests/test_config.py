@@ -83,6 +83,7 @@ def test_the_deploy_examples_load():
     """The config files deploy/ ships are valid for this version."""
     root = Path(__file__).resolve().parent.parent / "deploy"
     single = load({"config": str(root / "config.example.toml")}, env={})
-    assert single.advertise == "http://vdit1.example:8080"
+    assert single.advertise == "https://vdit1.example:8080"
+    assert single.tls_cert == Path("/etc/vdi-transfer/cert.pem") and single.tls_key
     pool = load({"config": str(root / "pool" / "host.example.toml")}, env={})
     assert pool.database.startswith("postgresql://") and pool.advertise == "https://vdit1.example"

@@ -34,6 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port to listen on (default 8080)")
     serve.add_argument("--advertise-url", help="base URL other hosts redirect clients to")
+    serve.add_argument(
+        "--tls-cert", type=Path, help="PEM certificate: serve HTTPS (with --tls-key)"
+    )
+    serve.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
     serve.add_argument("--log-format", choices=["logfmt", "json"])
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
 
@@ -235,9 +239,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "serve":
             from transfer.server import serve
+            from transfer.tls import TlsError, server_context
 
+            try:
+                tls = server_context(config.tls_cert, config.tls_key) if config.tls_cert else None
+            except TlsError as exc:
+                print(f"vdi-transfer: configuration error: {exc}", file=sys.stderr)
+                return 2
             logs.setup(config.log_format, config.log_level)
-            serve(config)
+            serve(config, tls)
         elif args.command == "user":
             _user(args, config)
         elif args.command == "sr":

@@ -25,7 +25,9 @@ class Config:
     port: int = 8080
     state_dir: Path = Path("./data")
     database_url: str = ""  # empty: SQLite file in the state dir
-    advertise_url: str = ""  # empty: http://HOST:PORT
+    advertise_url: str = ""  # empty: http(s)://HOST:PORT
+    tls_cert: Path | None = None  # PEM certificate (chain): serve HTTPS
+    tls_key: Path | None = None  # its PEM private key
     name_label: str = field(default_factory=socket.gethostname)
     log_format: str = "logfmt"
     log_level: str = "info"
@@ -54,7 +56,8 @@ class Config:
         host = self.host if self.host not in ("0.0.0.0", "::", "") else socket.gethostname()
         if ":" in host:
             host = f"[{host}]"
-        return f"http://{host}:{self.port}"
+        scheme = "https" if self.tls_cert else "http"
+        return f"{scheme}://{host}:{self.port}"
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config) if f.name != "image_mapping"}
@@ -149,6 +152,8 @@ def load(cli: dict[str, Any] | None = None, env: dict[str, str] | None = None) -
 def _validate(cfg: Config) -> None:
     if not 0 <= cfg.port <= 65535:
         raise ConfigError(f"port: {cfg.port} is outside 0-65535")
+    if bool(cfg.tls_cert) != bool(cfg.tls_key):
+        raise ConfigError("tls_cert and tls_key go together: give both, or neither for HTTP")
     if cfg.log_format not in ("logfmt", "json"):
         raise ConfigError(f"log_format: {cfg.log_format!r} is not logfmt or json")
     if cfg.log_level.lower() not in ("debug", "info", "warning", "error"):

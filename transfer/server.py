@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import ssl
 
 import uvloop
 from aiohttp import web
@@ -16,7 +17,7 @@ from transfer.logs import event
 log = logging.getLogger("vdi_transfer")
 
 
-async def _serve(config: Config) -> None:
+async def _serve(config: Config, tls: ssl.SSLContext | None) -> None:
     app = create_app(config)
     runner = web.AppRunner(app, access_log_class=AccessLog, handle_signals=False)
     await runner.setup()
@@ -26,12 +27,19 @@ async def _serve(config: Config) -> None:
         loop.add_signal_handler(sig, stop.set)
     try:
         site = web.TCPSite(
-            runner, config.host, config.port, shutdown_timeout=config.shutdown_timeout
+            runner,
+            config.host,
+            config.port,
+            shutdown_timeout=config.shutdown_timeout,
+            ssl_context=tls,
         )
         await site.start()
         for address in runner.addresses:
             host, port = address[0], address[1]
-            event(log, "server.listening", url=f"http://{host}:{port}", advertise=config.advertise)
+            scheme = "https" if tls else "http"
+            event(
+                log, "server.listening", url=f"{scheme}://{host}:{port}", advertise=config.advertise
+            )
         await stop.wait()
         event(log, "server.stopping", reason="signal")
         mark_shutting_down(app)
@@ -39,7 +47,8 @@ async def _serve(config: Config) -> None:
         await runner.cleanup()
 
 
-def serve(config: Config) -> None:
-    """Run the server on uvloop until SIGTERM or SIGINT, then stop gracefully."""
+def serve(config: Config, tls: ssl.SSLContext | None = None) -> None:
+    """Run the server on uvloop until SIGTERM or SIGINT, then stop gracefully; HTTPS with a
+    `tls` context."""
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(_serve(config))
+        runner.run(_serve(config, tls))
