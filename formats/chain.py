@@ -49,8 +49,11 @@ class Chain:
 
     def read(self, offset: int, length: int, first: int = 0) -> bytes:
         """The disk's bytes as seen from layer `first` down (1: the parent of the top)."""
+        runs = list(self._resolve(offset, length, first))
+        if len(runs) == 1 and runs[0][3] == DATA and runs[0][2] is not None:
+            return self.layers[runs[0][2]].read(offset, length)  # one layer holds it all
         out = bytearray(length)
-        for start, n, index, kind in self._resolve(offset, length, first):
+        for start, n, index, kind in runs:
             if kind == DATA and index is not None:
                 out[start - offset : start - offset + n] = self.layers[index].read(start, n)
         return bytes(out)
