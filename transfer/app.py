@@ -30,6 +30,7 @@ from transfer.handlers.errors import errors_as_json
 from transfer.handlers.routes import add_routes
 from transfer.hosts import HostService, load_or_create_host_uuid
 from transfer.logs import event, redact_query
+from transfer.pipeline import Budget
 from transfer.services import SERVICES, Services
 from transfer.srs import SrService
 from transfer.tasks import CANCEL_POLL, SHUTTING_DOWN, TaskManager
@@ -104,6 +105,7 @@ async def open_services(config: Config) -> Services:
         tasks=TaskManager(db, host_uuid, config.task_ttl),
         users=user_store,
         auth=Authenticator(RevokedSessions(db), user_store, signer),
+        upload_budget=Budget(config.upload_budget),
     )
 
 

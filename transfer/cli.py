@@ -38,6 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--tls-cert", type=Path, help="PEM certificate: serve HTTPS (with --tls-key)"
     )
     serve.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
+    serve.add_argument(
+        "--upload-memory",
+        help="bytes of upload bodies all transfers hold in memory together (e.g. 256M)",
+    )
     serve.add_argument("--log-format", choices=["logfmt", "json"])
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
 

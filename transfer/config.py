@@ -10,7 +10,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from common.errors import ApiError
 from formats.registry import RUNTIME_FORMATS, UPLOAD_FORMATS
+from transfer.sizes import parse_size
 
 
 class ConfigError(Exception):
@@ -42,12 +44,22 @@ class Config:
     images_type_mapping: str = ""  # e.g. "raw:raw, qcow2:qcow2, vhd:vhd"
     admin_password: str = ""  # for the first start only; generated and logged once if empty
     shutdown_timeout: float = 10.0  # seconds in-flight requests get on SIGTERM before they fail
+    # Bytes of upload bodies all transfers together hold in memory; empty: a sixteenth of the
+    # machine's memory, at most 256 MiB.
+    upload_memory: str = ""
     config: Path | None = None
     image_mapping: dict[str, str] = field(default_factory=dict, repr=False)  # derived
 
     @property
     def database(self) -> str:
         return self.database_url or f"sqlite:///{(self.state_dir / 'state.db').resolve()}"
+
+    @property
+    def upload_budget(self) -> int:
+        if self.upload_memory:
+            return parse_size(self.upload_memory, "upload_memory")
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        return min(256 << 20, ram // 16)
 
     @property
     def advertise(self) -> str:
@@ -152,6 +164,11 @@ def load(cli: dict[str, Any] | None = None, env: dict[str, str] | None = None) -
 def _validate(cfg: Config) -> None:
     if not 0 <= cfg.port <= 65535:
         raise ConfigError(f"port: {cfg.port} is outside 0-65535")
+    try:
+        if cfg.upload_budget < 1 << 20:
+            raise ConfigError(f"upload_memory: {cfg.upload_memory!r} is less than 1 MiB")
+    except ApiError as exc:
+        raise ConfigError(f"upload_memory: {exc.message}") from None
     if bool(cfg.tls_cert) != bool(cfg.tls_key):
         raise ConfigError("tls_cert and tls_key go together: give both, or neither for HTTP")
     if cfg.log_format not in ("logfmt", "json"):

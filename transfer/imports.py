@@ -407,6 +407,7 @@ class Import(Operation):
                 self._on_header,
                 on_received,
                 on_applied,
+                self.svc.upload_budget,
                 final=self.params.complete,
             )
             if self.expected is not None and received != self.expected:

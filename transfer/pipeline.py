@@ -12,11 +12,16 @@ worker hands it back with the events after it.
 The worker writes contiguous data in runs cut at ZERO_BLOCK-aligned disk offsets, carrying
 the unaligned tail into the next run: a zero block split between two runs would be tested
 (and punched) in halves, leaving the page under the cut allocated.
+
+All uploads share one `Budget` of body bytes held in memory (gathered or being applied):
+when it is spent, a pipeline hands over what it gathered and reads no more until bytes come
+back, so the client waits (TCP flow control) rather than the server growing.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -36,6 +41,46 @@ class Body(Protocol):
 
     async def readany(self) -> bytes:
         """The next bytes; b"" at the end."""
+
+
+class Budget:
+    """Bytes of upload bodies all pipelines together may hold in memory. Used on the event
+    loop only. A pipeline takes what it reads and gives it back once it is applied; while the
+    budget is spent, pipelines that hold nothing wait for room (first come, first served),
+    and those that hold bytes hand them over to be applied instead of waiting with them."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.used = 0
+        self.peak = 0
+        self._waiting: collections.deque[asyncio.Future] = collections.deque()
+
+    @property
+    def spent(self) -> bool:
+        return self.used >= self.limit
+
+    def take(self, n: int) -> None:
+        self.used += n
+        self.peak = max(self.peak, self.used)
+
+    def give(self, n: int) -> None:
+        self.used -= n
+        while self._waiting and not self.spent:
+            waiter = self._waiting.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def room(self) -> None:
+        """Wait until the budget is not spent."""
+        while self.spent:
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiting.append(waiter)
+            try:
+                await waiter
+            except asyncio.CancelledError:
+                if waiter.done() and not waiter.cancelled() and not self.spent:
+                    self.give(0)  # the wake-up was for us: pass it on
+                raise
 
 
 class Applier:
@@ -137,6 +182,7 @@ async def run(
     on_header: Callable[[Header], Awaitable[None]],
     on_received: Callable[[int], Awaitable[None]],
     on_applied: Callable[[int, bool], Awaitable[None]],
+    budget: Budget,
     final: bool = True,
 ) -> int:
     """Feed the body through the decoder into the applier's target; returns the body bytes
@@ -146,24 +192,29 @@ async def run(
     loop = asyncio.get_running_loop()
     received = fed = 0  # body bytes arrived / handed to the decoder
     pending: asyncio.Future | None = None  # the worker's job
+    pending_size = 0  # its body bytes, taken from the budget
+    held = 0  # body bytes this pipeline has taken from the budget
     reader = _Reader(body)
 
     async def settle() -> None:
-        nonlocal pending
+        nonlocal pending, held
         assert pending is not None
         future, pending = pending, None
-        held = await future
-        while held is not None:
-            header = next(held)
+        more = await future
+        while more is not None:
+            header = next(more)
             assert isinstance(header, Header)
             await on_header(header)
-            held = await loop.run_in_executor(None, applier.apply, held)
+            more = await loop.run_in_executor(None, applier.apply, more)
+        budget.give(pending_size)
+        held -= pending_size
 
-    def dispatch(chunks: list, last: bool) -> None:
+    def dispatch(chunks: list, size: int, last: bool) -> None:
         """Hand what arrived to the worker (`last`: with the stream's end)."""
-        nonlocal pending, fed
+        nonlocal pending, pending_size, fed
         events = events_of(decoder, chunks, last)
         pending = loop.run_in_executor(None, applier.apply, events)
+        pending_size = size
         fed = received
 
     try:
@@ -173,6 +224,10 @@ async def run(
             size = 0
             since = 0.0
             while size < BATCH:
+                if budget.spent:
+                    if batch or pending is not None:
+                        break  # hand over what is held, rather than wait with it
+                    await budget.room()
                 try:
                     chunk = await reader.next(wake=bool(batch) or pending is not None)
                 except BaseException:
@@ -181,7 +236,7 @@ async def run(
                     if pending is not None:
                         await settle()
                     if batch:
-                        dispatch(batch, False)
+                        dispatch(batch, size, False)
                         await settle()
                     if fed:
                         await on_applied(fed, True)
@@ -194,6 +249,8 @@ async def run(
                 batch.append(chunk)
                 size += len(chunk)
                 received += len(chunk)
+                budget.take(len(chunk))
+                held += len(chunk)
                 await on_received(received)
                 now = time.monotonic()
                 if not since:
@@ -204,7 +261,7 @@ async def run(
                 await settle()
                 await on_applied(fed, False)
             if batch or (eof and final):
-                dispatch(batch, eof and final)
+                dispatch(batch, size, eof and final)
         if pending is not None:
             await settle()
             await on_applied(fed, False)
@@ -214,6 +271,7 @@ async def run(
             await asyncio.wait([pending])
             if not pending.cancelled():
                 pending.exception()
+        budget.give(held)
     return received
 
 

@@ -11,6 +11,7 @@ from auth.users import UserStore
 from transfer.config import Config
 from transfer.db import Database
 from transfer.hosts import HostService
+from transfer.pipeline import Budget
 from transfer.srs import SrService
 from transfer.tasks import TaskManager
 from transfer.vdis import VdiService
@@ -28,6 +29,7 @@ class Services:
     tasks: TaskManager
     users: UserStore
     auth: Authenticator
+    upload_budget: Budget  # upload body bytes all imports together may hold in memory
 
 
 SERVICES = web.AppKey("services", Services)
