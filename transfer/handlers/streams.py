@@ -19,8 +19,14 @@ class RequestBody:
         self._content = content
 
     async def readany(self) -> bytes:
+        """The next piece the connection delivered, as it was delivered: aiohttp's own
+        readany() joins all pieces waiting into one new bytes, a copy of every byte that the
+        server spent a third of its time on under concurrent uploads (perf)."""
         try:
-            return await self._content.readany()
+            while True:
+                data, end_of_http_chunk = await self._content.readchunk()
+                if data or not end_of_http_chunk:  # (b"", False) is the end of the body
+                    return data
         except http_exceptions.HttpProcessingError as exc:
             raise ConnectionResetError(str(exc)) from exc
 
