@@ -19,14 +19,17 @@ test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/pytest -q
 
+# Each part prints its figures; bench fails if any part missed a target, after running all.
 bench: $(STAMP)
-	$(BIN)/python tests/bench/raw.py
-	$(BIN)/python tests/bench/convert.py
-	$(BIN)/python tests/bench/chains.py
+	@status=0; \
+	for part in versus_imageio convert chains; do \
+		$(BIN)/python tests/bench/$$part.py || status=1; \
+	done; \
+	exit $$status
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) .bench build *.egg-info .pytest_cache .ruff_cache

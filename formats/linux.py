@@ -57,3 +57,8 @@ def finish_writeback(fd: int, offset: int, length: int) -> None:
     if _sync_file_range is not None:
         flags = SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE | SYNC_FILE_RANGE_WAIT_AFTER
         _sync_file_range(fd, offset, length, flags)
+
+
+def drop_cached(fd: int, offset: int, length: int) -> None:
+    """Drop the range's clean pages from the page cache (a hint: what is dirty stays)."""
+    os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)

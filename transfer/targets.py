@@ -1,29 +1,21 @@
 """Where an import's decoded data lands: the VDI, written from a worker thread.
 
-Each run of contiguous data is copied, a window at a time, into an aligned staging buffer,
-where all-zero 64 KiB blocks (aligned to disk offsets) are found and left out: skipped, or
-zeroed when the disk may hold data there (`punch`).
-
-A raw VDI's file is the disk. Its data goes out of the staging buffer with O_DIRECT, the
-bytes that do not fill whole 4 KiB blocks (a run's edges) through the page cache. Measured on
-this machine (README, "Performance"): buffered writes into new VDIs spent most of the
-server's time in the kernel copying into freshly allocated page-cache pages, and stalled when
-the kernel throttled the dirty pages; eight uploads at once took 3.3 s of CPU for 1 GiB
-buffered, 1.1 s direct. Filesystems without O_DIRECT get buffered writes, with the dirty pages
-of an upload bounded: writeback of each run starts at once, and the run before it must be
-written back before the next one is accepted. A VHD or QCOW2 VDI is written through the
-driver of its chain's top layer, which allocates blocks or clusters; zero runs are zeroed
-there (masking the layers below).
+A raw VDI's file is the disk, so it is written directly: data runs with pwritev straight
+from the received buffers (no joining copy), all-zero 64 KiB blocks skipped (or punched,
+when the file may hold data there). An upload keeps few pages in the page cache: writeback
+of each run starts at once, and before a run returns, the run before it is written back and
+its pages dropped. Unbounded, an upload's dirty pages piled up until the kernel throttled the
+writer, and every page was a newly allocated one to copy into: an upload into a new VDI took
+2.9 s per GiB on this machine, against about 1 s bounded (README, "Performance"). A VHD or
+QCOW2 VDI is written through the driver of its chain's top layer, which allocates blocks or
+clusters; zero runs are zeroed there (masking the layers below).
 
 Both are blocking: the import pipeline (transfer/pipeline.py) calls them in a worker thread.
 """
 
 from __future__ import annotations
 
-import errno
-import mmap
 import os
-import queue
 from collections.abc import Iterator
 from typing import Protocol
 
@@ -32,12 +24,10 @@ from formats.chain import Chain
 from transfer import layers
 
 ZERO_BLOCK = 64 << 10  # granularity of zero detection, aligned to disk offsets
-ALIGN = 4096  # O_DIRECT: offsets, lengths and memory on 4 KiB boundaries
-STAGE = 4 << 20  # bytes staged (and written) at a time
-_ZEROS = bytes(STAGE)
+_ZEROS = bytes(4 << 20)
+IOV_MAX = 1024
 
 Parts = list  # contiguous buffers (bytes or memoryviews) of disk data, in order
-Run = tuple[bool, int, memoryview | int]  # (True, offset, data) or (False, offset, zero length)
 
 
 class Target(Protocol):
@@ -57,147 +47,51 @@ class Target(Protocol):
     def close(self) -> None: ...
 
 
-# Staging buffers are lent to a write for its duration: there are as many as writes run at
-# once (worker threads), however many uploads are open.
-_idle_stages: queue.SimpleQueue[mmap.mmap] = queue.SimpleQueue()
-
-
-def staged_runs(offset: int, parts: Parts) -> Iterator[Run]:
-    """The data and zero runs of `parts` (contiguous from disk `offset`), in order. A data run
-    is a view into a page-aligned staging buffer whose byte i sits at a disk offset of the
-    same alignment (to ZERO_BLOCK: so no zero block is split between two fillings of the
-    buffer), and its 4 KiB-aligned pieces can go out with O_DIRECT; it is valid until the
-    next run is asked for."""
-    try:
-        stage = _idle_stages.get_nowait()
-    except queue.Empty:
-        stage = mmap.mmap(-1, STAGE)
-    view = memoryview(stage)
-    try:
-        pending = [memoryview(p) for p in parts]
-        pos = offset
-        while pending:
-            head = pos % ZERO_BLOCK
-            n = 0
-            while pending and head + n < STAGE:
-                part = pending[0]
-                take = min(len(part), STAGE - head - n)
-                view[head + n : head + n + take] = part[:take]
-                n += take
-                pending[0] = part[take:]
-                if not pending[0]:
-                    pending.pop(0)
-            yield from _window(view, pos, head, n)
-            pos += n
-    finally:
-        view.release()
-        _idle_stages.put(stage)
-
-
-def _window(view: memoryview, pos: int, head: int, n: int) -> Iterator[Run]:
-    """The runs of disk bytes [pos, pos + n), staged at view[head:head + n]."""
-    base, end = pos - head, pos + n
-
-    def run(data: bool, start: int, stop: int) -> Run:
-        if data:
-            return True, start, view[start - base : stop - base]
-        return False, start, stop - start
-
-    start, data, at = pos, None, pos
-    while at < end:
-        block_end = min(end, at - at % ZERO_BLOCK + ZERO_BLOCK)
-        nonzero = not _ZEROS.startswith(view[at - base : block_end - base])
-        if data is None:
-            data = nonzero
-        elif data != nonzero:  # the kind changes: the run so far is complete
-            yield run(data, start, at)
-            start, data = at, nonzero
-        at = block_end
-    if data is not None:
-        yield run(data, start, end)
-
-
 class RawFile:
-    """A raw VDI's file, written directly: whole 4 KiB blocks with O_DIRECT where the
-    filesystem allows it, the rest through the page cache."""
+    """A raw VDI's file, written directly."""
 
-    def __init__(self, fd: int, direct_fd: int | None = None):
+    def __init__(self, fd: int):
         self.fd = fd
-        self.direct_fd = direct_fd  # the same file opened O_DIRECT, if the filesystem can
-        self._last: tuple[int, int] | None = None  # buffered bytes whose writeback may run
+        self._last: tuple[int, int] | None = None  # the run whose writeback may still run
 
     @classmethod
     def open(cls, path: os.PathLike | str) -> RawFile:
-        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-        try:
-            direct_fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC | os.O_DIRECT)
-        except OSError as exc:
-            if exc.errno != errno.EINVAL:
-                os.close(fd)
-                raise
-            direct_fd = None  # this filesystem has no O_DIRECT: buffered writes only
-        return cls(fd, direct_fd)
+        return cls(os.open(path, os.O_WRONLY | os.O_CLOEXEC))
 
     def write_run(self, offset: int, parts: Parts, punch: bool) -> int:
-        previous, written = self._last, 0
-        for data, at, item in staged_runs(offset, parts):
-            if data:
-                assert isinstance(item, memoryview)
-                self._write(item, at)
-                written += len(item)
-            elif punch:
-                assert isinstance(item, int)
-                self.zero(at, item)
-        if previous is not None and previous != self._last:
-            # Bounded dirty pages: the previous run's are written back before the next run.
+        previous = self._last
+        written = self._write(offset, parts, punch)
+        if previous is not None:  # at most this run's pages are still dirty or cached
             linux.finish_writeback(self.fd, *previous)
+            linux.drop_cached(self.fd, *previous)
         return written
 
-    def _write(self, view: memoryview, offset: int) -> None:
-        end = offset + len(view)
-        lo = min(end, -(-offset // ALIGN) * ALIGN)
-        hi = max(lo, end - end % ALIGN)
-        done = self._write_direct(view[lo - offset : hi - offset], lo) if lo < hi else 0
-        self._write_buffered(view[: lo - offset], offset)
-        self._write_buffered(view[lo - offset + done :], lo + done)
-
-    def _write_direct(self, view: memoryview, offset: int) -> int:
-        """Bytes written with O_DIRECT: all of them, unless the filesystem has no O_DIRECT
-        (or refuses it now: it gets no more of them) or stops at an unaligned count."""
-        done = 0
-        while self.direct_fd is not None and done < len(view):
-            try:
-                n = os.pwrite(self.direct_fd, view[done:], offset + done)
-            except OSError as exc:
-                if exc.errno != errno.EINVAL:
-                    raise
-                os.close(self.direct_fd)
-                self.direct_fd = None
-                break
-            done += n
-            if n % ALIGN:
-                break
-        return done
-
-    def _write_buffered(self, view: memoryview, offset: int) -> None:
-        if not view:
-            return
-        _pwrite_all(self.fd, view, offset)
-        linux.start_writeback(self.fd, offset, len(view))
-        self._last = (offset, len(view))
+    def _write(self, offset: int, parts: Parts, punch: bool) -> int:
+        written, end = 0, offset
+        for kind, start, item in zero_and_data_runs(offset, parts):
+            if kind == "data":
+                _pwritev_all(self.fd, item, start)
+                length = sum(len(v) for v in item)
+                written += length
+            else:
+                length = item
+                if punch:
+                    self.zero(start, length)
+            end = start + length
+        linux.start_writeback(self.fd, offset, end - offset)
+        self._last = (offset, end - offset)
+        return written
 
     def zero(self, offset: int, length: int) -> None:
         if not linux.punch_hole(self.fd, offset, length):
             zeros = memoryview(_ZEROS)
             for pos in range(0, length, len(zeros)):
-                _pwrite_all(self.fd, zeros[: min(len(zeros), length - pos)], offset + pos)
+                _pwritev_all(self.fd, [zeros[: min(len(zeros), length - pos)]], offset + pos)
 
     def flush(self) -> None:
         os.fsync(self.fd)
 
     def close(self) -> None:
-        if self.direct_fd is not None:
-            os.close(self.direct_fd)
         os.close(self.fd)
 
 
@@ -209,13 +103,12 @@ class ChainTop:
 
     def write_run(self, offset: int, parts: Parts, punch: bool) -> int:
         written = 0
-        for data, at, item in staged_runs(offset, parts):
-            if data:
-                assert isinstance(item, memoryview)
-                self.chain.top.write(at, item)
-                written += len(item)
+        for kind, at, item in zero_and_data_runs(offset, parts):
+            if kind == "data":
+                data = item[0] if len(item) == 1 else b"".join(item)
+                self.chain.top.write(at, data)
+                written += len(data)
             elif punch:
-                assert isinstance(item, int)
                 self.chain.top.zero(at, item)
         return written
 
@@ -229,7 +122,52 @@ class ChainTop:
         layers.close_chain(self.chain)
 
 
-def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
-    while view:
-        n = os.pwrite(fd, view, offset)
-        view, offset = view[n:], offset + n
+def zero_and_data_runs(offset: int, parts: Parts) -> Iterator[tuple[str, int, object]]:
+    """Split contiguous `parts` (starting at disk `offset`) into runs: ("data", start,
+    [views]) and ("zero", start, length). Zero detection looks at blocks aligned to disk
+    offsets, cut at part edges; views point into the parts (no copies)."""
+    data: list[memoryview] = []
+    data_start = zero_start = -1
+    pos = offset
+    for part in parts:
+        view = memoryview(part)
+        n, i = len(view), 0
+        while i < n:
+            block_end = min(n, i + ZERO_BLOCK - (pos + i) % ZERO_BLOCK)
+            block = view[i:block_end]
+            if _ZEROS.startswith(block):
+                if data:
+                    yield "data", data_start, data
+                    data = []
+                if zero_start < 0:
+                    zero_start = pos + i
+            else:
+                if zero_start >= 0:
+                    yield "zero", zero_start, pos + i - zero_start
+                    zero_start = -1
+                if not data:
+                    data_start = pos + i
+                data.append(block)
+            i = block_end
+        pos += n
+    if data:
+        yield "data", data_start, data
+    if zero_start >= 0:
+        yield "zero", zero_start, pos - zero_start
+
+
+def _pwritev_all(fd: int, bufs: list[memoryview], offset: int) -> None:
+    """Write the buffers back to back at `offset`, however many calls that takes."""
+    while bufs:
+        batch = bufs[:IOV_MAX]
+        n = os.pwritev(fd, batch, offset)
+        offset += n
+        done = 0
+        for buf in batch:
+            if n < len(buf):
+                break
+            n -= len(buf)
+            done += 1
+        bufs = bufs[done:]
+        if n:  # a partial write inside one buffer
+            bufs[0] = bufs[0][n:]
