@@ -379,8 +379,7 @@ class Import(Operation):
 
         def durable(position: int) -> bool:
             """Worker thread: data, spill and decoder state durable at `position`."""
-            applier.flush()
-            applier.target.flush()
+            self._flush()
             if spill is not None:
                 spill.sync()
             state = checkpoints.Checkpoint(position, decoder, applier.punch, spill)

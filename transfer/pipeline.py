@@ -190,7 +190,7 @@ async def run(
     are decoded and applied (a checkpoint may be taken; `broke`: the body broke off there).
     `final`: the body ends the stream (False for a segment of a resumable upload)."""
     loop = asyncio.get_running_loop()
-    received = fed = 0  # body bytes arrived / handed to the decoder
+    fed = 0  # body bytes handed to the decoder (reader.arrived: body bytes read)
     pending: asyncio.Future | None = None  # the worker's job
     pending_size = 0  # its body bytes, taken from the budget
     held = 0  # body bytes this pipeline has taken from the budget
@@ -215,7 +215,7 @@ async def run(
         events = events_of(decoder, chunks, last)
         pending = loop.run_in_executor(None, applier.apply, events)
         pending_size = size
-        fed = received
+        fed = reader.arrived
 
     try:
         eof = False
@@ -248,10 +248,9 @@ async def run(
                     break
                 batch.append(chunk)
                 size += len(chunk)
-                received += len(chunk)
                 budget.take(len(chunk))
                 held += len(chunk)
-                await on_received(received)
+                await on_received(reader.arrived)
                 now = time.monotonic()
                 if not since:
                     since = now
@@ -272,7 +271,7 @@ async def run(
             if not pending.cancelled():
                 pending.exception()
         budget.give(held)
-    return received
+    return reader.arrived
 
 
 class _Reader:
