@@ -145,3 +145,21 @@ def test_bad_configuration_is_a_clear_error(tmp_path):
         timeout=30,
     )
     assert result.returncode == 2 and "unknown key 'bogus'" in result.stderr
+
+
+def test_health_is_liveness_and_ready_says_what_is_missing(server):
+    """/health answers without touching the database or the SRs; /ready checks them."""
+    status, ready = curl_json(f"{server.url}/ready")
+    assert status == 200 and ready["status"] == "ready", ready
+    srs = list((server.state_dir / "srs").iterdir())
+    assert len(srs) == 1 and (srs[0] / ".vdi-transfer-sr").read_text().strip() == srs[0].name
+    srs[0].rename(srs[0].with_name("moved"))  # as if its filesystem were not mounted
+    try:
+        status, ready = curl_json(f"{server.url}/ready")
+        assert status == 503 and ready["status"] == "unavailable", ready
+        assert ready["reasons"] == [f"SR {srs[0].name} is not mounted at {srs[0]}"], ready
+        status, health = curl_json(f"{server.url}/health")
+        assert status == 200 and health["status"] == "ok", health
+    finally:
+        srs[0].with_name("moved").rename(srs[0])
+    assert curl_json(f"{server.url}/ready")[0] == 200

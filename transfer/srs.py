@@ -35,7 +35,10 @@ class SrService:
             sr_uuid = new_uuid()
             path = (self.state_dir / "srs" / sr_uuid).resolve()
             row = await self._insert(sr_uuid, LOCAL_SR_NAME, path, False, RUNTIME_FORMATS, RAW.name)
-        await files.in_thread(files.ensure_sr_dir, Path(row["path"]))
+        path = Path(row["path"])
+        await files.in_thread(files.ensure_sr_dir, path)
+        if not (path / MARKER).exists():  # new, or made before SRs had markers
+            await files.in_thread(_write_marker, path, row["uuid"])
         return row
 
     async def create(
@@ -109,7 +112,12 @@ class SrService:
 
     async def unreachable_shared(self) -> list[Row]:
         """Shared SRs this host cannot see (not mounted, or another SR's directory)."""
-        rows = [row for row in await self.list() if row["shared"]]
+        return [row for row in await self.unreachable() if row["shared"]]
+
+    async def unreachable(self) -> list[Row]:
+        """SRs this host serves (shared ones, and its own local ones) whose directory is
+        missing or holds another SR's marker: not mounted, or mounted wrong."""
+        rows = [row for row in await self.list() if self.owner(row) is None]
 
         def reachable(row: Row) -> bool:
             try:

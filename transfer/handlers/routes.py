@@ -13,6 +13,7 @@ from transfer.handlers import records, session, transfers, users
 
 ROUTES = [
     ("GET", "/health", session.health),
+    ("GET", "/ready", session.ready),
     ("POST", "/session", session.login),
     ("GET", "/session", session.whoami),
     ("DELETE", "/session", session.logout),

@@ -1,4 +1,4 @@
-"""Login and logout: POST/GET/DELETE /session, and GET /health."""
+"""Login and logout: POST/GET/DELETE /session; GET /health and GET /ready."""
 
 from __future__ import annotations
 
@@ -17,13 +17,31 @@ from transfer.services import services
 
 @public
 async def health(request: web.Request) -> web.Response:
-    """For load balancers: 200 while this host can reach its database, else 503."""
+    """Liveness: 200 while the event loop answers. It touches nothing else, so a load
+    balancer's probe stays fast under load and a slow database does not get the process
+    restarted; `GET /ready` says whether this host can serve."""
+    return json_response({"status": "ok", "host": services(request).hosts.uuid})
+
+
+@public
+async def ready(request: web.Request) -> web.Response:
+    """Readiness: 200 when the database answers, every SR this host serves is mounted
+    (its marker names it) and the server is not shutting down; else 503 with the reasons."""
     svc = services(request)
+    problems: list[str] = []
+    if svc.tasks.shutting_down:
+        problems.append("the server is shutting down")
     try:
         await svc.db.fetchone("SELECT 1 AS ok")
+        unreachable = await svc.srs.unreachable()
     except Exception as exc:
-        return json_response({"status": "unavailable", "reason": str(exc)}, status=503)
-    return json_response({"status": "ok", "host": svc.hosts.uuid})
+        problems.append(f"the database does not answer: {exc}")
+    else:
+        problems += [f"SR {sr['uuid']} is not mounted at {sr['path']}" for sr in unreachable]
+    body = {"status": "unavailable" if problems else "ready", "host": svc.hosts.uuid}
+    if problems:
+        body["reasons"] = problems
+    return json_response(body, status=503 if problems else 200)
 
 
 @public
