@@ -3,10 +3,12 @@ cancel, client disconnects, and the server stopping (SIGTERM) or dying (SIGKILL)
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
 import time
+import urllib.request
 
 import pytest
 
@@ -146,9 +148,14 @@ def test_cancel_stops_the_upload_within_a_second(srv):
     req.close()
 
 
-def test_client_disconnect_fails_the_task(srv):
+@pytest.mark.parametrize("expect", [False, True], ids=["sent-at-once", "after-100-continue"])
+def test_client_disconnect_fails_the_task(srv, expect):
+    """After 100 Continue the server reads the body straight from the socket (nothing of it
+    reached aiohttp): a client that vanishes is noticed there as well as on aiohttp's path."""
     vdi = create_vdi(srv.url, 8 * MiB)
-    req = start_upload(srv.url, vdi, 8 * MiB)
+    req = start_upload(srv.url, vdi, 8 * MiB, expect=expect)
+    if expect:
+        assert req.read_response()[0] == 100
     req.send(os.urandom(2 * MiB))
     t = running_task(srv.url, vdi)
     req.close()
@@ -307,3 +314,30 @@ def test_client_leaving_a_download_fails_the_task(srv, tmp_path):
     assert "closed the connection" in final["error_info"][1]
     assert 0 < final["bytes_transferred"] < 1 << 30
     assert "Traceback" not in srv.logs()
+
+
+def test_body_after_100_continue_arrives_whole_in_pieces_and_the_connection_closes(srv):
+    """The direct path: a body sent in uneven pieces with pauses between them (the pipeline
+    hands over what it holds at each pause) lands byte for byte; the answer closes the
+    connection, whose HTTP parser never saw the body."""
+    vdi = create_vdi(srv.url, 8 * MiB)
+    data = os.urandom(8 * MiB)
+    req = start_upload(srv.url, vdi, len(data), expect=True)
+    assert req.read_response()[0] == 100
+    cuts = [0, 1, 4097, 3 * MiB + 5, 3 * MiB + 6, 7 * MiB, len(data)]
+    for start, end in itertools.pairwise(cuts):
+        req.send(data[start:end])
+        time.sleep(0.25)  # longer than the pipeline's IDLE
+    status, headers, body = req.read_response()
+    assert status == 200, body
+    assert headers.get("connection", "").lower() == "close"
+    assert req.closed_by_peer(5)
+    req.close()
+    assert json.loads(body)["bytes"] == len(data)
+    exported = urllib.request.urlopen(
+        urllib.request.Request(
+            f"{srv.url}/export_raw_vdi?vdi={vdi['uuid']}", headers={"Authorization": AUTH_HEADER}
+        ),
+        timeout=30,
+    ).read()
+    assert exported == data

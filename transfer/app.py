@@ -28,6 +28,7 @@ from transfer.config import Config
 from transfer.db import open_database
 from transfer.handlers.errors import errors_as_json
 from transfer.handlers.routes import add_routes
+from transfer.handlers.streams import force_close_taken
 from transfer.hosts import HostService, load_or_create_host_uuid
 from transfer.logs import event, redact_query
 from transfer.pipeline import Budget
@@ -134,6 +135,7 @@ def create_app(config: Config) -> web.Application:
     app = web.Application(
         middlewares=[errors_as_json, auth_middleware.middleware(lambda r: r.app[SERVICES].auth)]
     )
+    app.on_response_prepare.append(force_close_taken)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         started = time.monotonic()

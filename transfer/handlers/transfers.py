@@ -100,8 +100,11 @@ async def _import(request: web.Request, params: imports.ImportParams) -> web.Str
     if params.resumable:
         headers["Location"] = f"/uploads/{op.task}"
 
+    body = RequestBody(request)
+
     async def go_ahead() -> None:
         """Every check passed and the task runs: now the client may send its body."""
+        body.take_over()
         version = request.headers.get("Upload-Draft-Interop-Version", "").strip()
         if params.announced and version in INTEROP_VERSIONS:
             # 104 (Upload Resumption Supported): the client learns the resource early.
@@ -112,12 +115,14 @@ async def _import(request: web.Request, params: imports.ImportParams) -> web.Str
             await send_interim(request, "100 Continue", {})
 
     try:
-        received = await op.run(RequestBody(request.content), go_ahead)
+        received = await op.run(body, go_ahead)
     except ApiError as exc:
         log_fields.update(bytes_in=op.bytes, error=exc.code)
         response = error_response(exc, headers)
         response.force_close()  # the rest of the body, if any, is not wanted
         return response
+    finally:
+        body.close()
     log_fields.update(vdi=op.target_uuid, bytes_in=received)
     if not params.complete:
         return web.Response(
