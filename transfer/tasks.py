@@ -20,6 +20,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from common.db import Executor
 from common.errors import ApiError, ClientGone, bad_request
 from transfer.db import Database, Row
 from transfer.ids import iso, new_ref, new_uuid
@@ -368,16 +369,20 @@ class TaskManager:
     ) -> None:
         if self.running.pop(transfer.task, None) is None:
             return  # already ended
-        await self._transition(
-            transfer.task,
-            status,
-            error_info,
-            result=result,
-            progress=transfer.progress,
-            nbytes=transfer.bytes,
-        )
-        # Whatever the outcome, the VDI is free for the next writer.
-        await self.db.execute("UPDATE vdis SET locked_by = NULL WHERE locked_by = ?", transfer.task)
+        # One commit: the task's end and the VDI's release are seen together (a client that
+        # saw the task succeed may write the VDI at once), and cost one fsync, not two.
+        async with self.db.transaction() as tx:
+            await self._transition(
+                transfer.task,
+                status,
+                error_info,
+                result=result,
+                progress=transfer.progress,
+                nbytes=transfer.bytes,
+                db=tx,
+            )
+            # Whatever the outcome, the VDI is free for the next writer.
+            await tx.execute("UPDATE vdis SET locked_by = NULL WHERE locked_by = ?", transfer.task)
         event(
             log,
             "task.finished",
@@ -400,8 +405,10 @@ class TaskManager:
         progress: float | None = None,
         nbytes: int | None = None,
         where_running: int | None = None,
+        db: Executor | None = None,
     ) -> bool:
-        """Move an unfinished task to a final status; False if it was not in a state to."""
+        """Move an unfinished task to a final status; False if it was not in a state to.
+        `db`: a transaction to do it in (default: a statement of its own)."""
         sql = (
             "UPDATE tasks SET status = ?, error_info = ?, result = ?, finished = ?, running = 0, "
             "progress = COALESCE(?, progress), bytes_transferred = COALESCE(?, bytes_transferred) "
@@ -419,7 +426,7 @@ class TaskManager:
         if where_running is not None:
             sql += " AND running = ?"
             args.append(where_running)
-        changed = await self.db.execute(sql, *args)
+        changed = await (db or self.db).execute(sql, *args)
         if changed and where_running is not None:
             event(log, "task.transition", task=task_uuid, status=status)
         return bool(changed)
