@@ -22,9 +22,8 @@ AUTH_HEADER = "Basic " + base64.b64encode(AUTH.encode()).decode()
 def api(url: str, method: str = "GET", body: dict | None = None):
     """A JSON API call with urllib; returns (status, parsed body)."""
     data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(
-        url, data=data, method=method, headers={"Authorization": AUTH_HEADER}
-    )
+    headers = {"Authorization": AUTH_HEADER, "Content-Type": "application/json"}
+    req = urllib.request.Request(url, data=data, method=method, headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=30) as resp:
             raw = resp.read()

@@ -300,7 +300,7 @@ def test_records_snapshot_clone_create_and_delete_through_another_host(pool, tmp
         "--post302",  # else curl turns the POST into a GET on a 302, as browsers do
         "-u",
         AUTH,
-        "-d",
+        "--json",
         json.dumps({"sr": local["uuid"], "virtual_size": 4 * MiB, "image_format": "qcow2"}),
         f"{entry.url}/vdis",
     )
@@ -317,7 +317,7 @@ def test_records_snapshot_clone_create_and_delete_through_another_host(pool, tmp
         "POST",  # with -X, curl keeps the method across any redirect
         "-u",
         AUTH,
-        "-d",
+        "--json",
         '{"name_label": "snap"}',
         f"{entry.url}/vdis/{vdi['uuid']}/snapshot",
     )
@@ -540,6 +540,8 @@ def raw(
     host: ServerProcess, method: str, target: str, *, auth: bool = True, body: bytes = b""
 ) -> tuple[int, dict[str, str], bytes]:
     headers = {"Content-Length": str(len(body)), "Connection": "close"}
+    if body:
+        headers["Content-Type"] = "application/json"  # the bodies sent here are JSON
     if auth:
         headers["Authorization"] = AUTH_HEADER
     request = RawRequest(host.url, method, target, headers)

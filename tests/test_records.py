@@ -136,11 +136,40 @@ async def test_unsupported_format_names_the_srs_formats(client):
     assert "raw, vhd, qcow2" in body["message"]
 
 
+JSON = {**ADMIN, "Content-Type": "application/json"}
+
+
 async def test_malformed_json_body(client):
-    resp = await client.post("/vdis", data=b"{not json", headers=ADMIN)
+    resp = await client.post("/vdis", data=b"{not json", headers=JSON)
     await assert_error(resp, 400, "BAD_REQUEST")
-    resp = await client.post("/vdis", data=b"[1, 2]", headers=ADMIN)
+    resp = await client.post("/vdis", data=b"[1, 2]", headers=JSON)
     await assert_error(resp, 400, "BAD_REQUEST")
+    # Nested deeper than the decoder recurses: a clear 400, not a 500 RecursionError.
+    resp = await client.post("/vdis", data=b"[" * 100_000, headers=JSON)
+    body = await assert_error(resp, 400, "BAD_REQUEST")
+    assert "nested too deeply" in body["message"]
+    resp = await client.post("/vdis", data=b'{"a": ' * 100_000, headers=JSON)
+    await assert_error(resp, 400, "BAD_REQUEST")
+
+
+@pytest.mark.parametrize(
+    "ctype", [None, "text/plain", "application/x-www-form-urlencoded", "multipart/form-data"]
+)
+async def test_json_body_must_say_it_is_json(client, ctype):
+    """The content types a cross-site form or a simple fetch can send are refused."""
+    headers = {**ADMIN, "Content-Type": ctype} if ctype else ADMIN
+    resp = await client.post("/vdis", data=b'{"virtual_size": 512}', headers=headers)
+    body = await assert_error(resp, 415, "UNSUPPORTED_MEDIA_TYPE")
+    assert "application/json" in body["message"]
+    assert (await json_of(await client.get("/vdis", headers=ADMIN), 200)) == []
+    vendor = {**ADMIN, "Content-Type": "application/vnd.example+json; charset=utf-8"}
+    resp = await client.post("/vdis", data=b'{"virtual_size": 512}', headers=vendor)
+    await json_of(resp, 201)
+
+
+async def test_json_body_too_large(client):
+    resp = await client.post("/vdis", data=b" " * (1 << 20) + b"{}", headers=JSON)
+    await assert_error(resp, 413, "BAD_REQUEST")
 
 
 async def test_vdi_in_use_cannot_be_deleted(client):

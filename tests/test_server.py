@@ -32,14 +32,16 @@ def test_readme_tour_with_curl(server, tmp_path):
         jar,
         "-H",
         "Content-Type: application/json",
-        "-d",
+        "--json",
         '{"name_label": "my disk", "virtual_size": "10G"}',
         f"{server.url}/vdis",
     )
     assert status == 201 and vdi["virtual_size"] == 10 * 2**30
     status, vdis = curl_json("-b", jar, f"{server.url}/vdis")
     assert status == 200 and [v["uuid"] for v in vdis] == [vdi["uuid"]]
-    status, task = curl_json("-b", jar, "-d", '{"name_label": "nightly"}', f"{server.url}/tasks")
+    status, task = curl_json(
+        "-b", jar, "--json", '{"name_label": "nightly"}', f"{server.url}/tasks"
+    )
     assert status == 201
     status, tasks = curl_json(f"{server.url}/tasks?session_id={body['session_id']}")
     assert status == 200 and [t["uuid"] for t in tasks] == [task["uuid"]]
@@ -94,7 +96,7 @@ def test_generated_admin_password_is_logged_once(tmp_path):
 
 
 def test_state_survives_restart(server):
-    status, vdi = curl_json("-u", AUTH, "-d", '{"virtual_size": 4096}', f"{server.url}/vdis")
+    status, vdi = curl_json("-u", AUTH, "--json", '{"virtual_size": 4096}', f"{server.url}/vdis")
     status, body = curl_json("-u", AUTH, "-X", "POST", f"{server.url}/session")
     server.stop()
     server.start()
@@ -118,7 +120,7 @@ def test_user_cli_works_beside_the_running_server(server):
     )
     assert result.returncode == 0, result.stderr
     status, _ = curl_json(
-        "-u", "ops:ops-password", "-d", '{"virtual_size": 512}', f"{server.url}/vdis"
+        "-u", "ops:ops-password", "--json", '{"virtual_size": 512}', f"{server.url}/vdis"
     )
     assert status == 201
     listed = cli(state, "user", "list")

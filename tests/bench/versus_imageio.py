@@ -167,7 +167,7 @@ class Ours:
         return run([*self.curl, *args, self.url + path]).stdout
 
     def vdi(self, size: int) -> str:
-        return json.loads(self.call("/vdis", "-d", json.dumps({"virtual_size": size})))["uuid"]
+        return json.loads(self.call("/vdis", "--json", json.dumps({"virtual_size": size})))["uuid"]
 
     def upload(self, path: Path, vdi: str | None = None) -> Callable[[], None]:
         """Into `vdi`, or into a new VDI."""

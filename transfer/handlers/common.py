@@ -20,21 +20,47 @@ def json_response(data: Any, status: int = 200, **kwargs: Any) -> web.Response:
 
 
 async def read_json(request: web.Request) -> dict:
-    """The request's JSON object body (any Content-Type: curl -d sends form-urlencoded)."""
-    if request.content_length is not None and request.content_length > MAX_JSON_BODY:
-        raise bad_request(f"the JSON body is larger than {MAX_JSON_BODY} bytes")
-    raw = await request.content.read(MAX_JSON_BODY + 1)
-    if len(raw) > MAX_JSON_BODY:
-        raise bad_request(f"the JSON body is larger than {MAX_JSON_BODY} bytes")
+    """The request's JSON object body, all of it (it may arrive in several TCP segments) up
+    to MAX_JSON_BODY bytes. A non-empty body must say it is JSON (`application/json`, or a
+    `+json` type): a browser cannot send that cross-site without asking first (a CORS
+    preflight, which this server never grants), so a page elsewhere cannot make a logged-in
+    browser post forms here. An empty body is an empty object."""
+    declared = request.content_length
+    if declared is not None and declared > MAX_JSON_BODY:
+        raise _too_large()
+    raw = bytearray()
+    while True:
+        chunk = await request.content.read(MAX_JSON_BODY + 1 - len(raw))
+        if not chunk:
+            break
+        raw += chunk
+        if len(raw) > MAX_JSON_BODY:
+            raise _too_large()
     if not raw.strip():
         return {}
+    ctype = request.content_type
+    if ctype != "application/json" and not ctype.endswith("+json"):
+        raise ApiError(
+            "UNSUPPORTED_MEDIA_TYPE",
+            f"a JSON body needs Content-Type: application/json, not {ctype} "
+            "(curl: --json '{...}' or -H 'Content-Type: application/json')",
+            ctype,
+        )
     try:
         data = json.loads(raw)
+    except RecursionError:
+        raise bad_request("the JSON body is nested too deeply") from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise bad_request(f"the body is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise bad_request("the body must be a JSON object")
     return data
+
+
+def _too_large() -> ApiError:
+    return ApiError(
+        "BAD_REQUEST", f"the JSON body is larger than {MAX_JSON_BODY} bytes", status=413
+    )
 
 
 def choose_format(value: str | None, known: tuple[str, ...], doing: str) -> str:
