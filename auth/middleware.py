@@ -16,6 +16,7 @@ import hashlib
 import hmac
 import os
 import time
+import urllib.parse
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -201,6 +202,62 @@ def _parse_basic(value: str) -> tuple[str, str]:
     return username, password
 
 
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+def _cookie_authenticated(request: web.Request) -> bool:
+    """The request's credential is the session cookie: the one a browser adds by itself,
+    whichever site made it send the request."""
+    return (
+        "Authorization" not in request.headers
+        and not request.query.get("ticket")
+        and not request.query.get("session_id")
+        and bool(request.cookies.get("session_id"))
+    )
+
+
+def _refuse_cross_site(request: web.Request) -> None:
+    """A write that carries the session cookie must come from this server's own pages:
+    refused if the browser says it is cross-site (Sec-Fetch-Site) or names another origin
+    (Origin). SameSite=Strict alone does not cover another port or a sibling host."""
+    fetch_site = request.headers.get("Sec-Fetch-Site", "").strip().lower()
+    origin = request.headers.get("Origin")
+    why = None
+    if fetch_site == "cross-site":
+        why = "the browser says it is cross-site (Sec-Fetch-Site: cross-site)"
+    elif origin is not None and not _same_origin(origin, request):
+        why = f"it comes from {origin}, not from this server"
+    if why:
+        raise ApiError(
+            "PERMISSION_DENIED",
+            f"a {request.method} with the session cookie is refused: {why}. Clients that are "
+            "not this server's pages send the session as Authorization: Bearer",
+            "cross-site",
+        )
+
+
+def _same_origin(origin: str, request: web.Request) -> bool:
+    """`origin` names the host and port this request was sent to (the scheme may differ
+    behind a TLS-terminating proxy)."""
+    parsed = urllib.parse.urlsplit(origin.strip())
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        return False  # "null" (sandboxed frames, file: pages) and anything odd
+    try:
+        origin_port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    except ValueError:
+        return False
+    target = urllib.parse.urlsplit(f"//{request.host}")
+    if (target.hostname or "").lower() != parsed.hostname.lower():
+        return False
+    try:
+        target_port = target.port
+    except ValueError:
+        return False
+    if target_port is None:  # Host without a port: the scheme's default, http or https
+        return origin_port in (80, 443)
+    return origin_port == target_port
+
+
 def middleware(authenticator_of: Callable[[web.Request], Authenticator]):
     """The middleware; `authenticator_of` finds the Authenticator for a request's app."""
 
@@ -214,6 +271,8 @@ def middleware(authenticator_of: Callable[[web.Request], Authenticator]):
         principal = await authenticator_of(request).authenticate(
             request, getattr(request.match_info.handler, "ticket_operation", None)
         )
+        if request.method not in SAFE_METHODS and _cookie_authenticated(request):
+            _refuse_cross_site(request)
         request[PRINCIPAL] = principal
         request[LOG_FIELDS]["user"] = principal.username
         if not allows(principal.role, required):
