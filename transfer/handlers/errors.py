@@ -35,12 +35,14 @@ STATUS_BY_CODE: dict[str, int] = {
     "USER_EXISTS": 409,
     "VDI_TOO_SMALL": 413,
     "FORMAT_UNSUPPORTED": 415,
+    "UNSUPPORTED_MEDIA_TYPE": 415,
     "IMAGE_INVALID": 400,
     "BAD_REQUEST": 400,
     "RANGE_NOT_SATISFIABLE": 416,
     "HOST_OFFLINE": 503,
     "SERVICE_UNAVAILABLE": 503,
     "INTERNAL_ERROR": 500,
+    "NOT_IMPLEMENTED": 501,
 }
 # aiohttp's own refusals (no such route, wrong method, body too large) in the same shape.
 HTTP_ERROR_CODES = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED", 413: "BAD_REQUEST"}

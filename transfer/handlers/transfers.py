@@ -85,6 +85,7 @@ async def _import(request: web.Request, params: imports.ImportParams) -> web.Str
     """An import (PUT) or an append to an upload resource (PATCH), from checks to answer."""
     svc = services(request)
     log_fields = request[LOG_FIELDS]
+    _refuse_encodings(request)
     length = _content_length(request)
     where = await imports.placement(svc, params)
     if where is not None:
@@ -134,6 +135,28 @@ async def _import(request: web.Request, params: imports.ImportParams) -> web.Str
         {"task": op.task, "task_ref": op.task_ref, "vdi": op.target_uuid, "bytes": received},
         headers=headers,
     )
+
+
+def _refuse_encodings(request: web.Request) -> None:
+    """An image body is taken as sent. A compressed one would be inflated by aiohttp
+    without bound and checked against its compressed length, so it is refused before
+    100 Continue: send it uncompressed (qcow2 may compress its clusters itself)."""
+    encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        raise ApiError(
+            "UNSUPPORTED_MEDIA_TYPE",
+            f"Content-Encoding {encoding} is not accepted on an import: send the image "
+            "uncompressed (a qcow2 image may compress its clusters itself)",
+            encoding,
+        )
+    codings = [c.strip().lower() for c in request.headers.get("Transfer-Encoding", "").split(",")]
+    if any(c not in ("", "chunked", "identity") for c in codings):
+        raise ApiError(
+            "NOT_IMPLEMENTED",
+            f"Transfer-Encoding {request.headers['Transfer-Encoding']} is not implemented: "
+            "only chunked",
+            request.headers["Transfer-Encoding"],
+        )
 
 
 def _upload_complete(request: web.Request, default: bool | None) -> bool:

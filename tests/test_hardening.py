@@ -1,0 +1,126 @@
+"""Issue 13: what an attacker or an unlucky network does to the real server."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import time
+
+import pytest
+
+from tests.conftest import curl_json
+from tests.rawclient import (
+    AUTH,
+    AUTH_HEADER,
+    RawRequest,
+    api,
+    create_vdi,
+    curl_upload,
+    export_to,
+)
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def srv(shared_server):
+    return shared_server
+
+
+def test_json_body_in_two_tcp_segments_is_read_whole(srv):
+    """`POST /vdis` whose body arrives in two pieces with a pause between them: the server
+    waits for all of Content-Length instead of parsing what arrived first."""
+    body = json.dumps({"virtual_size": 4096, "name_label": "split"}).encode()
+    headers = {
+        "Authorization": AUTH_HEADER,
+        "Content-Type": "application/json",
+        "Content-Length": str(len(body)),
+        "Connection": "close",
+    }
+    req = RawRequest(srv.url, "POST", "/vdis", headers)
+    req.send(body[:10])
+    time.sleep(0.3)
+    req.send(body[10:])
+    status, _, answer = req.read_response()
+    req.close()
+    assert status == 201, answer
+    assert json.loads(answer)["name_label"] == "split"
+
+
+def _login_cookie(srv, tmp_path) -> tuple[str, str]:
+    """A cookie jar holding a session of the admin, and the session id."""
+    jar = str(tmp_path / "jar")
+    status, body = curl_json("-c", jar, "-u", AUTH, "-X", "POST", f"{srv.url}/session")
+    assert status == 200, body
+    return jar, body["session_id"]
+
+
+def _users(srv) -> set[str]:
+    return {u["username"] for u in api(f"{srv.url}/users")[1]}
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        ["-H", "Origin: http://evil.example"],
+        ["-H", "Sec-Fetch-Site: cross-site"],
+        ["-H", "Origin: null"],
+        ["-H", "Origin: http://127.0.0.1:1"],  # this host, another port: SameSite misses it
+    ],
+    ids=["other-site", "fetch-site", "null", "other-port"],
+)
+def test_cross_site_write_with_the_cookie_is_refused(srv, tmp_path, headers):
+    jar, _ = _login_cookie(srv, tmp_path)
+    before = _users(srv)
+    new_admin = '{"username": "mallory", "password": "mallory-password", "role": "admin"}'
+    for ctype in ["application/json", "text/plain"]:
+        status, body = curl_json(
+            "-b", jar, *headers, "-H", f"Content-Type: {ctype}", "-d", new_admin,
+            f"{srv.url}/users",
+        )  # fmt: skip
+        assert status == 403 and body["error"] == "PERMISSION_DENIED", body
+        assert "cross-site" in body["params"], body
+    assert _users(srv) == before
+    # Reading is not a write: the same cookie and Origin may GET.
+    assert curl_json("-b", jar, *headers, f"{srv.url}/users")[0] == 200
+
+
+def test_same_origin_and_non_cookie_writes_still_work(srv, tmp_path):
+    jar, session = _login_cookie(srv, tmp_path)
+    own = ["-H", f"Origin: {srv.url}", "-H", "Sec-Fetch-Site: same-origin"]
+    status, body = curl_json("-b", jar, *own, "--json", '{"virtual_size": 512}', f"{srv.url}/vdis")
+    assert status == 201, body
+    # A non-browser client's credential is not ambient: another Origin does not matter.
+    evil = ["-H", "Origin: http://evil.example"]
+    bearer = ["-H", f"Authorization: Bearer {session}"]
+    status, body = curl_json(*bearer, *evil, "--json", '{"virtual_size": 512}', f"{srv.url}/vdis")
+    assert status == 201, body
+    status, body = curl_json("-u", AUTH, *evil, "-X", "DELETE", f"{srv.url}/vdis/{body['uuid']}")
+    assert status == 204, body
+
+
+def test_compressed_import_is_refused_before_a_byte_is_written(srv, tmp_path):
+    """aiohttp would inflate a gzip body without bound (1 MB became 1 GiB): refused with
+    415 before 100 Continue, and the VDI keeps what it had."""
+    vdi = create_vdi(srv.url, 4 * MiB)
+    packed = tmp_path / "disk.gz"
+    packed.write_bytes(gzip.compress(b"\xab" * (4 * MiB)))
+    status, body, _ = curl_upload(
+        f"{srv.url}/import_raw_vdi?vdi={vdi['uuid']}",
+        "-T", str(packed), "-H", "Content-Encoding: gzip",
+    )  # fmt: skip
+    assert status == 415, body
+    assert body["error"] == "UNSUPPORTED_MEDIA_TYPE"
+    exported = tmp_path / "out"
+    export_to(srv.url, vdi["uuid"], exported)
+    assert exported.read_bytes() == bytes(4 * MiB)
+
+
+def test_transfer_coding_other_than_chunked_is_not_implemented(srv):
+    vdi = create_vdi(srv.url, 1 * MiB)
+    headers = {"Authorization": AUTH_HEADER, "Transfer-Encoding": "gzip, chunked"}
+    req = RawRequest(srv.url, "PUT", f"/import_raw_vdi?vdi={vdi['uuid']}", headers)
+    status, _, body = req.read_response()
+    req.close()
+    assert status == 501, body
+    assert json.loads(body)["error"] == "NOT_IMPLEMENTED"
