@@ -39,8 +39,21 @@ class TicketSigner:
         self._secret = secret
         self.ttl = ttl
 
-    def issue(self, username: str, operation: str, target: str, session: str | None = None) -> str:
+    def issue(
+        self,
+        username: str,
+        operation: str,
+        target: str,
+        session: str | None = None,
+        not_after: float | None = None,
+    ) -> str:
+        """A ticket for `ttl` seconds, or until `not_after` if sooner: a ticket handed on
+        for a ticket (a redirect of a redirected request) never outlives the one presented,
+        else one ticket could be stretched forever."""
         now = int(time.time())
+        expires = now + self.ttl
+        if not_after is not None:
+            expires = min(expires, int(not_after))
         claims: dict[str, object] = {
             "typ": "ticket",
             "sub": username,
@@ -48,7 +61,7 @@ class TicketSigner:
             "obj": target,
             "jti": str(uuid.uuid4()),
             "iat": now,
-            "exp": now + self.ttl,
+            "exp": expires,
         }
         if session is not None:
             claims["sid"] = session

@@ -269,6 +269,24 @@ def test_the_redirect_and_its_ticket(pool, tmp_path):
         owner, "GET", f"/export_raw_vdi?vdi={vdi['uuid']}&ticket={expired}", auth=False
     )
     assert status == 401 and b"expired" in body
+    # A ticket presented to a host that does not own the VDI is redirected with a ticket
+    # that expires no later than it: one ticket cannot be stretched by bouncing it.
+    soon = now + 5
+    short = jwt.encode(
+        {"typ": "ticket", "sub": "admin", "op": "export", "obj": vdi["uuid"], "jti": "y",
+         "iat": now, "exp": soon},
+        secret,
+        algorithm="HS256",
+    )  # fmt: skip
+    status, headers, _ = raw(
+        entry, "GET", f"/export_raw_vdi?vdi={vdi['uuid']}&ticket={short}", auth=False
+    )
+    assert status == 302
+    handed_on = parse_qs(urlsplit(headers["location"]).query)["ticket"][0]
+    claims = jwt.decode(handed_on, secret, algorithms=["HS256"], options={"verify_exp": False})
+    assert claims["exp"] <= soon, claims
+    fresh = jwt.decode(ticket, secret, algorithms=["HS256"])
+    assert fresh["exp"] - fresh["iat"] == 60  # a first redirect still gets the full minute
     sid = login(entry)
     status, headers, _ = raw(
         entry, "GET", f"/export_raw_vdi?vdi={vdi['uuid']}&session_id={sid}", auth=False

@@ -56,7 +56,14 @@ async def route(request: web.Request, operation: str, target: str, owner: str | 
             owner,
             headers={"Retry-After": str(retry)},
         )
-    ticket = svc.auth.tickets.issue(principal.username, operation, target, principal.session_jti)
+    presented = principal.ticket
+    ticket = svc.auth.tickets.issue(
+        principal.username,
+        operation,
+        target,
+        principal.session_jti,
+        not_after=presented.expires if presented is not None else None,
+    )
     base = host["address"].rstrip("/")
     location = f"{base}{request.rel_url.raw_path}?{_query(request, ticket)}"
     request[LOG_FIELDS]["redirect"] = owner
