@@ -124,3 +124,51 @@ def test_transfer_coding_other_than_chunked_is_not_implemented(srv):
     req.close()
     assert status == 501, body
     assert json.loads(body)["error"] == "NOT_IMPLEMENTED"
+
+
+def _user(srv, name: str, role: str) -> str:
+    """A user of that role (made once per server); its `user:password` for curl -u."""
+    password = f"{name}-password"
+    status, body = api(
+        f"{srv.url}/users", "POST", {"username": name, "password": password, "role": role}
+    )
+    assert status in (201, 409), body
+    return f"{name}:{password}"
+
+
+def test_tasks_belong_to_their_owner(srv, tmp_path):
+    """Another operator can neither cancel nor delete a task, nor transfer under it; its
+    owner and an admin can."""
+    owner, other = _user(srv, "ops-one", "operator"), _user(srv, "ops-two", "operator")
+    vdi = create_vdi(srv.url, 1 * MiB)
+    data = tmp_path / "data"
+    data.write_bytes(b"\x5a" * MiB)
+
+    def new_task(who: str) -> dict:
+        status, task = curl_json("-u", who, "--json", '{"name_label": "mine"}', f"{srv.url}/tasks")
+        assert status == 201, task
+        return task
+
+    task = new_task(owner)
+    for args in (
+        ["-X", "POST", f"{srv.url}/tasks/{task['uuid']}/cancel"],
+        ["-X", "DELETE", f"{srv.url}/tasks/{task['uuid']}"],
+        ["-T", str(data), f"{srv.url}/import_raw_vdi?vdi={vdi['uuid']}&task_id={task['uuid']}"],
+    ):
+        status, body = curl_json("-u", other, *args)
+        assert status == 403 and body["error"] == "PERMISSION_DENIED", (args, body)
+        assert "ops-one" in body["message"]
+    assert api(f"{srv.url}/tasks/{task['uuid']}")[1]["status"] == "pending"
+    exported = tmp_path / "out"
+    export_to(srv.url, vdi["uuid"], exported)
+    assert exported.read_bytes() == bytes(MiB)  # the refused import wrote nothing
+    # The owner imports under it; an admin cancels and deletes another's task.
+    status, body = curl_json(
+        "-u", owner, "-T", str(data),
+        f"{srv.url}/import_raw_vdi?vdi={vdi['uuid']}&task_id={task['uuid']}",
+    )  # fmt: skip
+    assert status == 200, body
+    second = new_task(owner)
+    status, body = curl_json("-u", AUTH, "-X", "POST", f"{srv.url}/tasks/{second['uuid']}/cancel")
+    assert status == 200 and body["status"] == "cancelled", body
+    assert curl_json("-u", AUTH, "-X", "DELETE", f"{srv.url}/tasks/{second['uuid']}")[0] == 204

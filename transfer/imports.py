@@ -243,10 +243,13 @@ class Import(Operation):
         """Stream bytes received so far (a resumed upload counts from its start)."""
         return self.transfer.bytes if self.transfer else 0
 
-    async def start(self, user: str) -> None:
-        """Attach a task; create the VDI now if its size is known (else at the image's
-        header); take the VDI's write lock."""
+    async def start(self, user: str, role: str) -> None:
+        """Attach a task (a named one must be the user's own, or the user an admin); create
+        the VDI now if its size is known (else at the image's header); take the VDI's write
+        lock."""
         svc, params = self.svc, self.params
+        if params.task_id is not None:
+            await svc.tasks.get_owned(params.task_id, user, role)
         if self.vdi is None and self.virtual_size is not None:
             self.vdi = await self._create_vdi(self.virtual_size)
             self.created = True

@@ -136,6 +136,19 @@ class TaskManager:
             "owner": row["owner"],
         }
 
+    async def get_owned(self, ident: str, user: str, role: str) -> Row:
+        """The task, if `user` may act on it (cancel, delete, transfer under it): its owner
+        or an admin. Anyone else gets PERMISSION_DENIED, whatever their role."""
+        row = await self.get(ident)
+        if role != "admin" and row["owner"] not in (None, user):
+            raise ApiError(
+                "PERMISSION_DENIED",
+                f"task {row['uuid']} belongs to {row['owner']!r}: only its owner or an admin "
+                "may cancel it, delete it or transfer under it",
+                row["uuid"],
+            )
+        return row
+
     async def destroy(self, ident: str) -> None:
         row = await self.get(ident)
         changed = await self.db.execute(

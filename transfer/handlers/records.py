@@ -166,7 +166,9 @@ async def create_task(request: web.Request) -> web.Response:
 async def cancel_task(request: web.Request) -> web.Response:
     """POST /tasks/{uuid}/cancel: cancel the task (and stop its transfer); its record."""
     tasks = services(request).tasks
-    row = await tasks.cancel(request.match_info["uuid"])
+    principal = request[PRINCIPAL]
+    owned = await tasks.get_owned(request.match_info["uuid"], principal.username, principal.role)
+    row = await tasks.cancel(owned["uuid"])
     request[LOG_FIELDS]["task"] = row["uuid"]
     return json_response(tasks.to_json(row))
 
@@ -175,5 +177,7 @@ async def cancel_task(request: web.Request) -> web.Response:
 async def destroy_task(request: web.Request) -> web.Response:
     """DELETE /tasks/{uuid}: forget a task that has no transfer running; answers 204."""
     request[LOG_FIELDS]["task"] = request.match_info["uuid"]
-    await services(request).tasks.destroy(request.match_info["uuid"])
+    tasks, principal = services(request).tasks, request[PRINCIPAL]
+    owned = await tasks.get_owned(request.match_info["uuid"], principal.username, principal.role)
+    await tasks.destroy(owned["uuid"])
     return web.Response(status=204)
