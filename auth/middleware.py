@@ -14,6 +14,7 @@ import base64
 import binascii
 import hashlib
 import hmac
+import logging
 import os
 import time
 import urllib.parse
@@ -23,13 +24,16 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from auth.passwords import DUMMY_HASH, verify_password
+from auth.passwords import DUMMY_HASH, HASHING, verify_password
 from auth.roles import allows
 from auth.sessions import RevokedSessions, SessionSigner
+from auth.throttle import Locked, LoginThrottle
 from auth.tickets import Ticket, TicketSigner
 from auth.users import UserStore
 from common.errors import ApiError
-from common.logfields import LOG_FIELDS
+from common.logfields import LOG_FIELDS, event
+
+log = logging.getLogger("vdi_transfer.auth")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 REALM = 'Basic realm="vdi-transfer"'
@@ -118,17 +122,48 @@ class Authenticator:
         self.signer = signer
         self.tickets = TicketSigner(signer.secret)
         self._cache = _VerifiedCache()
+        self.throttle = LoginThrottle()
+        # Password hashing runs here, never in the pool that moves disk bytes: a flood of
+        # logins then waits for this one thread (and the throttle) instead of stalling
+        # every transfer (96 wrong passwords made a 100-byte import take 14 s).
+        self.hashing = HASHING
 
-    async def check_password(self, username: str, password: str) -> Principal:
-        """SESSION_AUTHENTICATION_FAILED unless the user exists and the password matches."""
+    async def check_password(
+        self, username: str, password: str, address: str | None = None
+    ) -> Principal:
+        """SESSION_AUTHENTICATION_FAILED unless the user exists and the password matches;
+        TOO_MANY_ATTEMPTS (429) while the user name or the client `address` is throttled
+        (auth/throttle.py), unless these very credentials were verified recently."""
         user = await self.users.get(username)
         stored = user["password_hash"] if user else DUMMY_HASH
         if user and self._cache.hit(username, password, stored):
             return Principal(username, user["role"], "basic")
+        try:
+            self.throttle.check(username, address)
+        except Locked as locked:
+            event(
+                log,
+                "auth.throttled",
+                logging.WARNING,
+                user=username,
+                remote=address,
+                by=locked.kind,
+                retry_after=locked.retry_after,
+            )
+            raise ApiError(
+                "TOO_MANY_ATTEMPTS",
+                f"too many failed logins for this {locked.kind}: try again in "
+                f"{locked.retry_after} s",
+                locked.retry_after,
+                headers={"Retry-After": str(locked.retry_after)},
+            ) from None
         loop = asyncio.get_running_loop()
-        ok = await loop.run_in_executor(None, verify_password, password, stored)
+        ok = await loop.run_in_executor(self.hashing, verify_password, password, stored)
         if not (ok and user):
+            self.throttle.failed(username, address)
+            event(log, "auth.failed", logging.WARNING, user=username, remote=address)
             raise ApiError("SESSION_AUTHENTICATION_FAILED", "wrong user name or password", username)
+        self.throttle.succeeded(username, address)
         self._cache.add(username, password, stored)
         return Principal(username, user["role"], "basic")
 
@@ -171,7 +206,7 @@ class Authenticator:
             scheme = scheme.lower()
             if scheme == "basic":
                 username, password = _parse_basic(value.strip())
-                return await self.check_password(username, password)
+                return await self.check_password(username, password, request.remote)
             if scheme == "bearer" and value.strip():
                 return await self.check_session(value.strip())
             raise ApiError(

@@ -1,7 +1,9 @@
 """Password hashing with the standard library's scrypt (memory-hard, no extra dependency).
 
 Hashes are self-describing (``scrypt$N$r$p$salt$hash``) so the cost can be raised later and
-old hashes still verify. Hashing costs tens of milliseconds: call it off the event loop.
+old hashes still verify. Hashing costs tens of milliseconds: call it off the event loop, in
+HASHING, a thread of its own, so that a flood of logins never holds up the threads that move
+disk bytes.
 """
 
 from __future__ import annotations
@@ -10,11 +12,13 @@ import base64
 import hashlib
 import hmac
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 # OWASP's scrypt alternative for 16 MiB of memory: N=2^14, r=8, p=5.
 N, R, P = 2**14, 8, 5
 MIN_LENGTH = 8
 MAX_LENGTH = 1024
+HASHING = ThreadPoolExecutor(max_workers=1, thread_name_prefix="password")
 
 
 def _b64(data: bytes) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from auth.passwords import check_strength, hash_password
+from auth.passwords import HASHING, check_strength, hash_password
 from auth.roles import ROLES
 from common.db import Database, Row
 from common.errors import ApiError, bad_request
@@ -67,7 +67,7 @@ class UserStore:
         validate_username(username)
         validate_role(role)
         validate_password(password)
-        hashed = await asyncio.get_running_loop().run_in_executor(None, hash_password, password)
+        hashed = await asyncio.get_running_loop().run_in_executor(HASHING, hash_password, password)
         async with self.db.transaction() as tx:
             if await tx.fetchone("SELECT 1 FROM users WHERE username = ?", username):
                 raise ApiError("USER_EXISTS", f"user {username!r} already exists", username)
@@ -81,7 +81,7 @@ class UserStore:
 
     async def set_password(self, username: str, password: str) -> None:
         validate_password(password)
-        hashed = await asyncio.get_running_loop().run_in_executor(None, hash_password, password)
+        hashed = await asyncio.get_running_loop().run_in_executor(HASHING, hash_password, password)
         changed = await self.db.execute(
             "UPDATE users SET password_hash = ? WHERE username = ?", hashed, username
         )

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
+import threading
 import time
 
 import pytest
 
-from tests.conftest import curl_json
+from tests.conftest import curl, curl_json
 from tests.rawclient import (
     AUTH,
     AUTH_HEADER,
@@ -172,3 +174,63 @@ def test_tasks_belong_to_their_owner(srv, tmp_path):
     status, body = curl_json("-u", AUTH, "-X", "POST", f"{srv.url}/tasks/{second['uuid']}/cancel")
     assert status == 200 and body["status"] == "cancelled", body
     assert curl_json("-u", AUTH, "-X", "DELETE", f"{srv.url}/tasks/{second['uuid']}")[0] == 204
+
+
+def _basic_status(url: str, user: str, password: str) -> tuple[int, dict]:
+    result = curl("-u", f"{user}:{password}", "-D", "-", "-o", "/dev/null", f"{url}/session")
+    head = result.stdout
+    status = int(head.rsplit("\n", 1)[1])
+    headers = {
+        k.strip().lower(): v.strip()
+        for k, _, v in (ln.partition(":") for ln in head.splitlines()[1:])
+        if v
+    }
+    return status, headers
+
+
+def test_wrong_passwords_are_throttled_without_locking_the_owner_out_for_long(server):
+    api(
+        f"{server.url}/users",
+        "POST",
+        {"username": "victim", "password": "victim-password", "role": "reader"},
+    )
+    # The owner's credentials, verified once, are remembered: they keep working throughout.
+    assert _basic_status(server.url, "victim", "victim-password")[0] == 200
+    statuses = [_basic_status(server.url, "victim", f"guess-{i}")[0] for i in range(6)]
+    assert statuses == [401] * 6  # five free failures, the sixth locks the name for 1 s
+    status, headers = _basic_status(server.url, "victim", "guess-6")
+    assert status == 429 and int(headers["retry-after"]) >= 1, headers
+    assert _basic_status(server.url, "victim", "victim-password")[0] == 200  # remembered
+    # Another client with the right password but nothing remembered waits out the lock,
+    # and then gets in (the lock is short and the success clears the count).
+    status, headers = _basic_status(server.url, "victim", "victim-password ")  # wrong: space
+    assert status == 429, headers
+    time.sleep(int(headers["retry-after"]) + 0.2)
+    assert _basic_status(server.url, "victim", "victim-password ")[0] == 401
+    assert "event=auth.throttled" in server.logs() and "user=victim" in server.logs()
+
+
+def test_a_login_flood_does_not_stall_transfers(server, tmp_path):
+    """96 wrong logins from 16 clients at once used to queue scrypt in the thread pool that
+    moves disk bytes (a 4 MiB upload took 5.7 s); now hashing has a thread of its own and
+    the flood is throttled."""
+    vdi = create_vdi(server.url, 4 * MiB)  # the admin's credentials are verified and kept
+    data = tmp_path / "data"
+    data.write_bytes(os.urandom(4 * MiB))
+    codes: list[int] = []
+
+    def flood(n: int) -> None:
+        for i in range(6):
+            codes.append(_basic_status(server.url, f"nobody{n}", f"wrong-{i}")[0])
+
+    threads = [threading.Thread(target=flood, args=(n,)) for n in range(16)]
+    for t in threads:
+        t.start()
+    t0 = time.monotonic()
+    status, body, _ = curl_upload(f"{server.url}/import_raw_vdi?vdi={vdi['uuid']}", "-T", str(data))
+    took = time.monotonic() - t0
+    for t in threads:
+        t.join()
+    assert status == 200, body
+    assert took < 3, f"the upload took {took:.1f} s during the flood"
+    assert 429 in codes and set(codes) <= {401, 429}, codes

@@ -22,7 +22,7 @@ from auth.sessions import (
     load_or_create_secret,
 )
 from auth.users import UserStore
-from common.logfields import LOG_FIELDS
+from common.logfields import LOG_FIELDS, event
 from transfer import __version__, checkpoints, files
 from transfer.config import Config
 from transfer.db import open_database
@@ -30,7 +30,7 @@ from transfer.handlers.errors import errors_as_json
 from transfer.handlers.routes import add_routes
 from transfer.handlers.streams import force_close_taken
 from transfer.hosts import HostService, load_or_create_host_uuid
-from transfer.logs import event, redact_query
+from transfer.logs import redact_query
 from transfer.pipeline import Budget
 from transfer.services import SERVICES, Services
 from transfer.srs import SrService

@@ -23,13 +23,13 @@ from pathlib import Path
 from typing import Protocol
 
 from common.errors import ApiError, ClientGone, bad_request
+from common.logfields import event
 from formats.errors import FormatError, FramingError, OutOfBounds, Unsupported
 from formats.events import Header
 from formats.registry import RAW, RUNTIME_FORMATS, Format, wire
 from transfer import checkpoints, layers, pipeline
 from transfer.db import Row
 from transfer.files import in_thread
-from transfer.logs import event
 from transfer.pipeline import Applier
 from transfer.services import Services
 from transfer.sizes import parse_size, round_to_sector

@@ -56,11 +56,6 @@ def setup(fmt: str = "logfmt", level: str = "info") -> None:
     root.setLevel(level.upper())
 
 
-def event(logger: logging.Logger, _event: str, _level: int = logging.INFO, **fields: Any) -> None:
-    """Log `_event` with `fields` as its structured fields (logfmt or JSON, see `setup`)."""
-    logger.log(_level, _event, extra={"fields": fields})
-
-
 def redact_query(query: dict) -> dict:
     """A loggable copy of query parameters with credentials masked."""
     return {k: ("***" if k in SECRET_PARAMS else v) for k, v in query.items()}

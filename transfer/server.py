@@ -10,9 +10,9 @@ import ssl
 import uvloop
 from aiohttp import web
 
+from common.logfields import event
 from transfer.app import AccessLog, create_app, mark_shutting_down
 from transfer.config import Config
-from transfer.logs import event
 
 log = logging.getLogger("vdi_transfer")
 

@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 
 from common.db import Executor
 from common.errors import ApiError, ClientGone, bad_request
+from common.logfields import event
 from transfer.db import Database, Row
 from transfer.ids import iso, new_ref, new_uuid
-from transfer.logs import event
 
 log = logging.getLogger("vdi_transfer.tasks")
 

@@ -58,7 +58,7 @@ async def login(request: web.Request) -> web.Response:
                 "SESSION_AUTHENTICATION_FAILED",
                 "give Basic auth or a JSON body with username and password",
             )
-        principal = await svc.auth.check_password(username, password)
+        principal = await svc.auth.check_password(username, password, request.remote)
     request[LOG_FIELDS]["user"] = principal.username
     session = svc.auth.signer.issue(principal.username)
     response = json_response(
