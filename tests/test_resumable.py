@@ -304,3 +304,31 @@ def test_resumed_download_never_splices_two_versions(srv, tmp_path):
     )
     assert stale.returncode == 33, stale.stderr  # "server does not support byte ranges"
     assert partial.read_bytes() == first.read_bytes()[:MiB]  # nothing spliced onto it
+
+
+def test_a_stalled_upload_is_checkpointed_without_more_data(tmp_path):
+    """40 MiB arrive in one go, the client stalls, the server dies: what arrived is durable
+    (checkpoints used to be taken only when more data came)."""
+    srv = ServerProcess(tmp_path / "state").start()
+    try:
+        size = 64 * MiB
+        vdi = create_vdi(srv.url, size)
+        task_id = new_task(srv.url)
+        data = os.urandom(40 * MiB)
+        req = RawRequest(
+            srv.url,
+            "PUT",
+            f"/import_raw_vdi?vdi={vdi['uuid']}&task_id={task_id}",
+            {"Authorization": AUTH_HEADER, "Content-Length": str(size)},
+        )
+        req.send(data)
+        time.sleep(3)  # the stall: no byte for three seconds, the connection still open
+        srv.stop(signal.SIGKILL)
+        req.close()
+        srv.start()
+        status, headers = upload_offset(srv.url, task_id)
+        assert status == 200 and int(headers["upload-offset"]) == len(data), headers
+        exported = vdi_bytes(srv, vdi["uuid"], tmp_path)
+        assert exported[: len(data)] == data
+    finally:
+        srv.stop()

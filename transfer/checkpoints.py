@@ -24,6 +24,7 @@ from transfer.files import fsync_dir
 
 CHECKPOINT_BYTES = 64 << 20  # Upload-Offset advances at least every 64 MiB ...
 CHECKPOINT_SECONDS = 1.0  # ... or every second while data flows
+STALL_CHECKPOINT = 1.0  # and within this long of the last one when the data stops
 
 
 @dataclass

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -397,6 +398,22 @@ class Import(Operation):
                     await self.svc.tasks.checkpoint(transfer, position)
                 schedule.done(position)
 
+        async def on_idle(fed: int) -> bool:
+            """The body paused with `fed` bytes applied: a stalled resumable upload makes
+            them durable within STALL_CHECKPOINT seconds of its last checkpoint, rather than
+            when (if ever) more data comes. True once nothing is owed at `fed`."""
+            position = self.resume_offset + fed
+            if not schedule.enabled or applier.target is None:
+                return True
+            if position <= schedule.last_offset:
+                return True
+            if time.monotonic() - schedule.last_time < checkpoints.STALL_CHECKPOINT:
+                return False  # a trickle: at most one checkpoint a second
+            if await in_thread(durable, position):
+                await self.svc.tasks.checkpoint(transfer, position)
+            schedule.done(position)
+            return True
+
         async def on_received(received: int) -> None:
             self._received = received
             await self._report()
@@ -411,6 +428,7 @@ class Import(Operation):
                 on_applied,
                 self.svc.upload_budget,
                 final=self.params.complete,
+                on_idle=on_idle,
             )
             if self.expected is not None and received != self.expected:
                 raise _short_body(received, self.expected)

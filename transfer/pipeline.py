@@ -184,10 +184,14 @@ async def run(
     on_applied: Callable[[int, bool], Awaitable[None]],
     budget: Budget,
     final: bool = True,
+    on_idle: Callable[[int], Awaitable[bool]] | None = None,
 ) -> int:
     """Feed the body through the decoder into the applier's target; returns the body bytes
     read. `on_received(n)`: n body bytes have arrived. `on_applied(n, broke)`: the first n
     are decoded and applied (a checkpoint may be taken; `broke`: the body broke off there).
+    `on_idle(n)`: the body has paused with everything up to n applied; it answers whether it
+    is done with that position, and is asked again every IDLE or so until it is (a stalled
+    resumable upload checkpoints that way, without waiting for more data).
     `final`: the body ends the stream (False for a segment of a resumable upload)."""
     loop = asyncio.get_running_loop()
     fed = 0  # body bytes handed to the decoder (reader.arrived: body bytes read)
@@ -195,6 +199,7 @@ async def run(
     pending_size = 0  # its body bytes, taken from the budget
     held = 0  # body bytes this pipeline has taken from the budget
     reader = _Reader(body)
+    idle_done = 0  # the position on_idle last said it is done with
 
     async def settle() -> None:
         nonlocal pending, held
@@ -228,8 +233,9 @@ async def run(
                     if batch or pending is not None:
                         break  # hand over what is held, rather than wait with it
                     await budget.room()
+                idle_owed = on_idle is not None and fed > idle_done
                 try:
-                    chunk = await reader.next(wake=bool(batch) or pending is not None)
+                    chunk = await reader.next(wake=bool(batch) or pending is not None or idle_owed)
                 except BaseException:
                     # The body broke off: what arrived is applied (and a resumable upload
                     # checkpointed there) before the error goes up.
@@ -242,6 +248,10 @@ async def run(
                         await on_applied(fed, True)
                     raise
                 if chunk is None:
+                    if not batch and pending is None and on_idle is not None:
+                        if await on_idle(fed):
+                            idle_done = fed
+                        continue
                     break  # the body paused: do not hold back what arrived
                 if not chunk:
                     eof = True
