@@ -5,12 +5,13 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import subprocess
 import threading
 import time
 
 import pytest
 
-from tests.conftest import curl, curl_json
+from tests.conftest import ServerProcess, curl, curl_json
 from tests.rawclient import (
     AUTH,
     AUTH_HEADER,
@@ -234,3 +235,58 @@ def test_a_login_flood_does_not_stall_transfers(server, tmp_path):
     assert status == 200, body
     assert took < 3, f"the upload took {took:.1f} s during the flood"
     assert 429 in codes and set(codes) <= {401, 429}, codes
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 48 MiB filesystem (tmpfs) for the state dir and its SR: a disk that fills up."""
+    where = tmp_path / "small"
+    where.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(where)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
+    yield where
+    subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def test_a_full_disk_fails_the_import_and_keeps_serving(small_disk, tmp_path):
+    """ENOSPC used to answer 500, leave the task pending and the VDI locked until a restart
+    (SQLite could not commit either). Now: 507 SR_FULL naming the SR and the bytes written,
+    the task failed, the VDI released (or removed, if the import made it), and the
+    database writable."""
+    srv = ServerProcess(small_disk / "state").start()
+    try:
+        sr = api(f"{srv.url}/srs")[1][0]["uuid"]
+        big = tmp_path / "big"
+        big.write_bytes(os.urandom(64 * MiB))
+        before = {v["uuid"] for v in api(f"{srv.url}/vdis")[1]}
+        status, body, _ = curl_upload(
+            f"{srv.url}/import_raw_vdi?sr={sr}&task_id={_task(srv)}", "-T", str(big)
+        )
+        assert status == 507 and body["error"] == "SR_FULL", body
+        assert sr in body["message"] and body["params"][0] == sr
+        assert int(body["params"][1]) > 0  # the bytes written before the disk filled
+        assert {v["uuid"] for v in api(f"{srv.url}/vdis")[1]} == before  # its VDI is gone
+        failed = [t for t in api(f"{srv.url}/tasks")[1] if t["status"] == "failure"]
+        assert failed and failed[-1]["error_info"][0] == "SR_FULL", failed
+        assert not [t for t in api(f"{srv.url}/tasks")[1] if t["status"] == "pending"]
+        # Into an existing (sparse) VDI: the same, and the VDI is free again afterwards.
+        vdi = create_vdi(srv.url, 64 * MiB)
+        status, body, _ = curl_upload(f"{srv.url}/import_raw_vdi?vdi={vdi['uuid']}", "-T", str(big))
+        assert status == 507 and body["error"] == "SR_FULL", body
+        tasks = api(f"{srv.url}/tasks")[1]
+        assert not [t for t in tasks if t["status"] in ("pending", "cancelling")], tasks
+        status, body = api(f"{srv.url}/vdis/{vdi['uuid']}", "DELETE")
+        assert status == 204, body  # not VDI_IN_USE: the lock was released
+        assert create_vdi(srv.url, MiB)["uuid"]  # the database still takes writes
+        assert "event=import.sr_full" in srv.logs()
+    finally:
+        srv.stop()
+
+
+def _task(srv) -> str:
+    status, body = api(f"{srv.url}/tasks", "POST", {"name_label": "fills the disk"})
+    assert status == 201, body
+    return body["uuid"]

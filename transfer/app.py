@@ -23,7 +23,7 @@ from auth.sessions import (
 )
 from auth.users import UserStore
 from common.logfields import LOG_FIELDS, event
-from transfer import __version__, checkpoints, files
+from transfer import __version__, checkpoints, files, reserve
 from transfer.config import Config
 from transfer.db import open_database
 from transfer.handlers.errors import errors_as_json
@@ -153,6 +153,8 @@ def create_app(config: Config) -> web.Application:
                 path=sr["path"],
                 note="shared SR not mounted here (or not this SR): its VDIs will fail here",
             )
+        if not await files.in_thread(reserve.take, config.state_dir):
+            event(log, "state.reserve_missing", logging.WARNING, state_dir=str(config.state_dir))
         await _bootstrap_admin(svc)
         recovered = await svc.tasks.recover_after_restart()
         await svc.vdis.drop_readers_of_this_host()
@@ -162,6 +164,7 @@ def create_app(config: Config) -> web.Application:
             await svc.auth.revoked.forget_expired(time.time())
 
         async def housekeeping() -> None:
+            await files.in_thread(reserve.take, config.state_dir)  # back, once there is room
             await collect_garbage()
             srs = [Path(row["path"]) for row in await svc.srs.list() if svc.srs.owner(row) is None]
             await svc.tasks.expire_uploads(config.upload_ttl)

@@ -28,7 +28,7 @@ from common.logfields import event
 from formats.errors import FormatError, FramingError, OutOfBounds, Unsupported
 from formats.events import Header
 from formats.registry import RAW, RUNTIME_FORMATS, Format, wire
-from transfer import checkpoints, layers, pipeline
+from transfer import checkpoints, layers, pipeline, reserve
 from transfer.db import Row
 from transfer.files import in_thread
 from transfer.pipeline import Applier
@@ -283,7 +283,12 @@ class Import(Operation):
         try:
             async with self.svc.tasks.run(transfer):
                 await ready()
-                received = await self._receive(body)
+                try:
+                    received = await self._receive(body)
+                except OSError as exc:
+                    if not reserve.is_full(exc):
+                        raise
+                    raise await self._sr_full() from None
                 assert self.vdi is not None
                 if self.params.complete:
                     await self.svc.tasks.succeed(transfer, self.vdi["uuid"])
@@ -294,9 +299,40 @@ class Import(Operation):
             raise
         except BaseException as exc:
             await self.abandon(exc)
+            if isinstance(exc, ApiError) and exc.code == "SR_FULL":
+                # The reserve went to write the task's end; take it again if the removed
+                # VDI left room (else housekeeping does, once there is).
+                await in_thread(reserve.take, self.svc.config.state_dir)
             raise
         await self.svc.vdis.usage(await self.svc.vdis.get(self.vdi["uuid"]))  # for the pool
         return received
+
+    async def _sr_full(self) -> ApiError:
+        """The SR ran out of space: SR_FULL (507), after freeing the database's reserve if
+        it shares the SR's filesystem, so the task's end can still be written."""
+        sr_path = Path(self.sr["path"])
+        freed = await in_thread(reserve.give_up, self.svc.config.state_dir, sr_path)
+        transfer = self.transfer
+        assert transfer is not None
+        event(
+            log,
+            "import.sr_full",
+            logging.ERROR,
+            task=transfer.task,
+            vdi=self.target_uuid,
+            sr=self.sr["uuid"],
+            bytes=transfer.bytes,
+            written=self._applier.written,
+            reserve_freed=freed,
+        )
+        return ApiError(
+            "SR_FULL",
+            f"SR {self.sr['name_label']!r} ({self.sr['uuid']}) ran out of space after "
+            f"{transfer.bytes} bytes of the body had arrived ({self._applier.written} bytes "
+            f"written to VDI {self.target_uuid})",
+            self.sr["uuid"],
+            self._applier.written,
+        )
 
     async def abandon(self, why: BaseException) -> None:
         """After a failed or cancelled import has ended its task: remove a VDI the import

@@ -43,6 +43,7 @@ STATUS_BY_CODE: dict[str, int] = {
     "HOST_OFFLINE": 503,
     "SERVICE_UNAVAILABLE": 503,
     "INTERNAL_ERROR": 500,
+    "SR_FULL": 507,
     "NOT_IMPLEMENTED": 501,
 }
 # aiohttp's own refusals (no such route, wrong method, body too large) in the same shape.
