@@ -123,10 +123,6 @@ class Authenticator:
         self.tickets = TicketSigner(signer.secret)
         self._cache = _VerifiedCache()
         self.throttle = LoginThrottle()
-        # Password hashing runs here, never in the pool that moves disk bytes: a flood of
-        # logins then waits for this one thread (and the throttle) instead of stalling
-        # every transfer (96 wrong passwords made a 100-byte import take 14 s).
-        self.hashing = HASHING
 
     async def check_password(
         self, username: str, password: str, address: str | None = None
@@ -158,7 +154,9 @@ class Authenticator:
                 headers={"Retry-After": str(locked.retry_after)},
             ) from None
         loop = asyncio.get_running_loop()
-        ok = await loop.run_in_executor(self.hashing, verify_password, password, stored)
+        # In HASHING, never in the pool that moves disk bytes: a flood of logins waits for
+        # that one thread (and the throttle) instead of stalling every transfer.
+        ok = await loop.run_in_executor(HASHING, verify_password, password, stored)
         if not (ok and user):
             self.throttle.failed(username, address)
             event(log, "auth.failed", logging.WARNING, user=username, remote=address)

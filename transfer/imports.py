@@ -425,14 +425,17 @@ class Import(Operation):
             state = checkpoints.Checkpoint(position, decoder, applier.punch, spill)
             return checkpoints.save(self._state_file, state)
 
+        async def checkpoint_at(position: int) -> None:
+            if await in_thread(durable, position):
+                await self.svc.tasks.checkpoint(transfer, position)
+            schedule.done(position)
+
         async def on_applied(fed: int, broke: bool) -> None:
             await self._report()
             position = self.resume_offset + fed
             due = schedule.enabled and (broke or schedule.due(position))
             if due and applier.target is not None:
-                if await in_thread(durable, position):
-                    await self.svc.tasks.checkpoint(transfer, position)
-                schedule.done(position)
+                await checkpoint_at(position)
 
         async def on_idle(fed: int) -> bool:
             """The body paused with `fed` bytes applied: a stalled resumable upload makes
@@ -445,9 +448,7 @@ class Import(Operation):
                 return True
             if time.monotonic() - schedule.last_time < checkpoints.STALL_CHECKPOINT:
                 return False  # a trickle: at most one checkpoint a second
-            if await in_thread(durable, position):
-                await self.svc.tasks.checkpoint(transfer, position)
-            schedule.done(position)
+            await checkpoint_at(position)
             return True
 
         async def on_received(received: int) -> None:
