@@ -21,7 +21,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from common.errors import ApiError, ClientGone, bad_request
 from common.logfields import event
@@ -36,6 +36,9 @@ from transfer.services import Services
 from transfer.sizes import parse_size, round_to_sector
 from transfer.targets import ChainTop, RawFile, Target
 from transfer.tasks import Operation
+
+if TYPE_CHECKING:
+    from auth.middleware import Principal  # (auth imports aiohttp; operations do not)
 
 log = logging.getLogger("vdi_transfer.import")
 
@@ -244,20 +247,20 @@ class Import(Operation):
         """Stream bytes received so far (a resumed upload counts from its start)."""
         return self.transfer.bytes if self.transfer else 0
 
-    async def start(self, user: str, role: str) -> None:
-        """Attach a task (a named one must be the user's own, or the user an admin); create
-        the VDI now if its size is known (else at the image's header); take the VDI's write
-        lock."""
+    async def start(self, principal: Principal) -> None:
+        """Attach a task (a named one must be the principal's own, or the principal an
+        admin); create the VDI now if its size is known (else at the image's header); take
+        the VDI's write lock."""
         svc, params = self.svc, self.params
         if params.task_id is not None:
-            await svc.tasks.get_owned(params.task_id, user, role)
+            await svc.tasks.get_owned(params.task_id, principal)
         if self.vdi is None and self.virtual_size is not None:
             self.vdi = await self._create_vdi(self.virtual_size)
             self.created = True
         target = self.target_uuid or f"new in SR {self.sr['uuid']}"
         try:
             self.transfer = await svc.tasks.begin(
-                params.task_id, f"import_raw_vdi {target}", user, self.target_uuid
+                params.task_id, f"import_raw_vdi {target}", principal.username, self.target_uuid
             )
         except BaseException:
             if self.created:

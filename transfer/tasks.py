@@ -19,12 +19,16 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from common.db import Executor
 from common.errors import ApiError, ClientGone, bad_request
 from common.logfields import event
 from transfer.db import Database, Row
 from transfer.ids import iso, new_ref, new_uuid
+
+if TYPE_CHECKING:
+    from auth.middleware import Principal  # (auth imports aiohttp; operations do not)
 
 log = logging.getLogger("vdi_transfer.tasks")
 
@@ -136,18 +140,23 @@ class TaskManager:
             "owner": row["owner"],
         }
 
-    async def get_owned(self, ident: str, user: str, role: str) -> Row:
-        """The task, if `user` may act on it (cancel, delete, transfer under it): its owner
-        or an admin. Anyone else gets PERMISSION_DENIED, whatever their role."""
+    async def get_owned(self, ident: str, principal: Principal) -> Row:
+        """The task, if `principal` may act on it (cancel, delete, transfer under it)."""
         row = await self.get(ident)
-        if role != "admin" and row["owner"] not in (None, user):
+        self.check_owner(row, principal)
+        return row
+
+    @staticmethod
+    def check_owner(row: Row, principal: Principal) -> None:
+        """Only a task's owner or an admin may act on it: anyone else gets
+        PERMISSION_DENIED, whatever their role."""
+        if principal.role != "admin" and row["owner"] not in (None, principal.username):
             raise ApiError(
                 "PERMISSION_DENIED",
                 f"task {row['uuid']} belongs to {row['owner']!r}: only its owner or an admin "
                 "may cancel it, delete it or transfer under it",
                 row["uuid"],
             )
-        return row
 
     async def destroy(self, ident: str) -> None:
         row = await self.get(ident)

@@ -166,8 +166,7 @@ async def create_task(request: web.Request) -> web.Response:
 async def cancel_task(request: web.Request) -> web.Response:
     """POST /tasks/{uuid}/cancel: cancel the task (and stop its transfer); its record."""
     tasks = services(request).tasks
-    principal = request[PRINCIPAL]
-    owned = await tasks.get_owned(request.match_info["uuid"], principal.username, principal.role)
+    owned = await tasks.get_owned(request.match_info["uuid"], request[PRINCIPAL])
     row = await tasks.cancel(owned["uuid"])
     request[LOG_FIELDS]["task"] = row["uuid"]
     return json_response(tasks.to_json(row))
@@ -177,7 +176,7 @@ async def cancel_task(request: web.Request) -> web.Response:
 async def destroy_task(request: web.Request) -> web.Response:
     """DELETE /tasks/{uuid}: forget a task that has no transfer running; answers 204."""
     request[LOG_FIELDS]["task"] = request.match_info["uuid"]
-    tasks, principal = services(request).tasks, request[PRINCIPAL]
-    owned = await tasks.get_owned(request.match_info["uuid"], principal.username, principal.role)
+    tasks = services(request).tasks
+    owned = await tasks.get_owned(request.match_info["uuid"], request[PRINCIPAL])
     await tasks.destroy(owned["uuid"])
     return web.Response(status=204)

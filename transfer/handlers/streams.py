@@ -11,7 +11,7 @@ import socket
 from aiohttp import StreamReader, http_exceptions, web
 
 DIRECT_READ = 1 << 20  # bytes asked of the socket at a time on the direct path
-TAKEN = "vdit.body_taken"  # request key: the body was read past aiohttp, close after answering
+TAKEN = web.RequestKey("body_taken", bool)  # read past aiohttp: close after answering
 
 
 class RequestBody:

@@ -95,7 +95,7 @@ async def _import(request: web.Request, params: imports.ImportParams) -> web.Str
     if op.probe:
         # Clients probe with an empty PUT: answer, but create and write nothing.
         return json_response({"task": None, "vdi": op.target_uuid, "bytes": 0})
-    await op.start(request[PRINCIPAL].username, request[PRINCIPAL].role)
+    await op.start(request[PRINCIPAL])
     log_fields.update(vdi=op.target_uuid, task=op.task)
     headers = {"task-id": op.task_ref}
     if params.resumable:
@@ -273,8 +273,7 @@ async def upload_append(request: web.Request) -> web.StreamResponse:
 async def upload_cancel(request: web.Request) -> web.Response:
     """DELETE /uploads/{task}: the upload ends (cancelled); a connection feeding it closes."""
     task = await _upload_task(request)
-    principal = request[PRINCIPAL]
-    await services(request).tasks.get_owned(task["uuid"], principal.username, principal.role)
+    services(request).tasks.check_owner(task, request[PRINCIPAL])
     await imports.cancel_upload(services(request), task["uuid"])
     return web.Response(status=204)
 
