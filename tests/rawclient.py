@@ -39,6 +39,13 @@ def create_vdi(base: str, size: int | str) -> dict:
     return vdi
 
 
+def new_task(base: str, name_label: str = "resumable") -> str:
+    """A task (POST /tasks) to name as task_id=; its uuid."""
+    status, body = api(f"{base}/tasks", "POST", {"name_label": name_label})
+    assert status == 201, body
+    return body["uuid"]
+
+
 def task(base: str, ident: str) -> dict:
     status, body = api(f"{base}/tasks/{ident}")
     assert status == 200, body

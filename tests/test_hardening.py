@@ -20,6 +20,7 @@ from tests.rawclient import (
     create_vdi,
     curl_upload,
     export_to,
+    new_task,
 )
 
 MiB = 1 << 20
@@ -263,7 +264,9 @@ def test_a_full_disk_fails_the_import_and_keeps_serving(small_disk, tmp_path):
         big.write_bytes(os.urandom(64 * MiB))
         before = {v["uuid"] for v in api(f"{srv.url}/vdis")[1]}
         status, body, _ = curl_upload(
-            f"{srv.url}/import_raw_vdi?sr={sr}&task_id={_task(srv)}", "-T", str(big)
+            f"{srv.url}/import_raw_vdi?sr={sr}&task_id={new_task(srv.url, 'fills the disk')}",
+            "-T",
+            str(big),
         )
         assert status == 507 and body["error"] == "SR_FULL", body
         assert sr in body["message"] and body["params"][0] == sr
@@ -284,9 +287,3 @@ def test_a_full_disk_fails_the_import_and_keeps_serving(small_disk, tmp_path):
         assert "event=import.sr_full" in srv.logs()
     finally:
         srv.stop()
-
-
-def _task(srv) -> str:
-    status, body = api(f"{srv.url}/tasks", "POST", {"name_label": "fills the disk"})
-    assert status == 201, body
-    return body["uuid"]

@@ -18,10 +18,10 @@ from tests.rawclient import (
     AUTH,
     AUTH_HEADER,
     RawRequest,
-    api,
     create_vdi,
     curl_upload,
     export_to,
+    new_task,
     task,
 )
 
@@ -43,12 +43,6 @@ def disk(tmp_path_factory) -> Path:
         data[start : start + n] = os.urandom(n)
     path.write_bytes(data)
     return path
-
-
-def new_task(base: str) -> str:
-    status, body = api(f"{base}/tasks", "POST", {"name_label": "resumable"})
-    assert status == 201
-    return body["uuid"]
 
 
 def upload_offset(base: str, task_id: str) -> tuple[int, dict]:
