@@ -148,12 +148,12 @@ def test_tasks_belong_to_their_owner(srv, tmp_path):
     data = tmp_path / "data"
     data.write_bytes(b"\x5a" * MiB)
 
-    def new_task(who: str) -> dict:
+    def task_of(who: str) -> dict:
         status, task = curl_json("-u", who, "--json", '{"name_label": "mine"}', f"{srv.url}/tasks")
         assert status == 201, task
         return task
 
-    task = new_task(owner)
+    task = task_of(owner)
     for args in (
         ["-X", "POST", f"{srv.url}/tasks/{task['uuid']}/cancel"],
         ["-X", "DELETE", f"{srv.url}/tasks/{task['uuid']}"],
@@ -172,7 +172,7 @@ def test_tasks_belong_to_their_owner(srv, tmp_path):
         f"{srv.url}/import_raw_vdi?vdi={vdi['uuid']}&task_id={task['uuid']}",
     )  # fmt: skip
     assert status == 200, body
-    second = new_task(owner)
+    second = task_of(owner)
     status, body = curl_json("-u", AUTH, "-X", "POST", f"{srv.url}/tasks/{second['uuid']}/cancel")
     assert status == 200 and body["status"] == "cancelled", body
     assert curl_json("-u", AUTH, "-X", "DELETE", f"{srv.url}/tasks/{second['uuid']}")[0] == 204
@@ -263,10 +263,9 @@ def test_a_full_disk_fails_the_import_and_keeps_serving(small_disk, tmp_path):
         big = tmp_path / "big"
         big.write_bytes(os.urandom(64 * MiB))
         before = {v["uuid"] for v in api(f"{srv.url}/vdis")[1]}
+        task_id = new_task(srv.url, "fills the disk")
         status, body, _ = curl_upload(
-            f"{srv.url}/import_raw_vdi?sr={sr}&task_id={new_task(srv.url, 'fills the disk')}",
-            "-T",
-            str(big),
+            f"{srv.url}/import_raw_vdi?sr={sr}&task_id={task_id}", "-T", str(big)
         )
         assert status == 507 and body["error"] == "SR_FULL", body
         assert sr in body["message"] and body["params"][0] == sr
