@@ -26,6 +26,7 @@ from common.logfields import LOG_FIELDS, event
 from transfer import __version__, checkpoints, files, reserve
 from transfer.config import Config
 from transfer.db import open_database
+from transfer.events import EventLog
 from transfer.handlers.errors import errors_as_json
 from transfer.handlers.routes import add_routes
 from transfer.handlers.streams import force_close_taken
@@ -97,13 +98,15 @@ async def open_services(config: Config) -> Services:
     signer = SessionSigner(secret, config.session_ttl)
     hosts = HostService(db, host_uuid, config.heartbeat_interval)
     srs = SrService(db, host_uuid, config.state_dir)
+    events = EventLog(db)
     return Services(
         config=config,
         db=db,
         hosts=hosts,
         srs=srs,
-        vdis=VdiService(db, srs, hosts),
-        tasks=TaskManager(db, host_uuid, config.task_ttl),
+        vdis=VdiService(db, srs, hosts, events),
+        tasks=TaskManager(db, host_uuid, config.task_ttl, events),
+        events=events,
         users=user_store,
         auth=Authenticator(RevokedSessions(db), user_store, signer),
         upload_budget=Budget(config.upload_budget),
@@ -162,6 +165,7 @@ def create_app(config: Config) -> web.Application:
         async def collect_garbage() -> None:
             await svc.tasks.collect_garbage()
             await svc.auth.revoked.forget_expired(time.time())
+            await svc.events.prune(time.time())
 
         async def housekeeping() -> None:
             await files.in_thread(reserve.take, config.state_dir)  # back, once there is room

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from common.errors import ApiError
 from transfer.db import Database, Row
-from transfer.ids import iso
+from transfer.ids import iso, new_ref
 
 HOST_UUID_FILE = "host-uuid"
 MISSED_HEARTBEATS = 3  # a host that missed this many heartbeats is offline
@@ -47,11 +47,16 @@ class HostService:
                     now,
                     self.uuid,
                 )
+                # Hosts registered before hosts had refs get theirs now.
+                await tx.execute(
+                    "UPDATE hosts SET ref = ? WHERE uuid = ? AND ref IS NULL", new_ref(), self.uuid
+                )
             else:
                 await tx.execute(
-                    "INSERT INTO hosts (uuid, name_label, address, heartbeat, created) "
-                    "VALUES (?, ?, ?, ?, ?)",
+                    "INSERT INTO hosts (uuid, ref, name_label, address, heartbeat, created) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
                     self.uuid,
+                    new_ref(),
                     name_label,
                     address,
                     now,
@@ -78,7 +83,9 @@ class HostService:
         return await self.db.fetchone("SELECT * FROM hosts WHERE uuid = ?", host_uuid)
 
     async def get(self, host_uuid: str) -> Row:
-        row = await self.db.fetchone("SELECT * FROM hosts WHERE uuid = ?", host_uuid)
+        row = await self.db.fetchone(
+            "SELECT * FROM hosts WHERE uuid = ? OR ref = ?", host_uuid, host_uuid
+        )
         if row is None:
             raise ApiError("HOST_NOT_FOUND", f"no host {host_uuid}", host_uuid)
         return row

@@ -10,6 +10,7 @@ from auth.middleware import Authenticator
 from auth.users import UserStore
 from transfer.config import Config
 from transfer.db import Database
+from transfer.events import EventLog
 from transfer.hosts import HostService
 from transfer.pipeline import Budget
 from transfer.srs import SrService
@@ -30,6 +31,7 @@ class Services:
     users: UserStore
     auth: Authenticator
     upload_budget: Budget  # upload body bytes all imports together may hold in memory
+    events: EventLog  # changes XenAPI clients wait for with event.from
 
 
 SERVICES = web.AppKey("services", Services)

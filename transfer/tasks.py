@@ -25,6 +25,7 @@ from common.db import Executor
 from common.errors import ApiError, ClientGone, bad_request
 from common.logfields import event
 from transfer.db import Database, Row
+from transfer.events import EventLog
 from transfer.ids import iso, new_ref, new_uuid
 
 if TYPE_CHECKING:
@@ -78,8 +79,9 @@ class Operation:
 class TaskManager:
     """Task records and the transfers running under them on this host."""
 
-    def __init__(self, db: Database, host_uuid: str, ttl: int):
+    def __init__(self, db: Database, host_uuid: str, ttl: int, events: EventLog):
         self.db = db
+        self.events = events  # every change a XenAPI client sees goes there (event.from)
         self.host_uuid = host_uuid
         self.ttl = ttl
         self.running: dict[str, Transfer] = {}
@@ -96,18 +98,20 @@ class TaskManager:
         if not isinstance(name_label, str) or not 0 < len(name_label) <= 255:
             raise bad_request("name_label must be a non-empty string of at most 255 characters")
         task_uuid = new_uuid()
-        await self.db.execute(
-            "INSERT INTO tasks (uuid, ref, name_label, status, created, owner, host, vdi, "
-            "running) VALUES (?, ?, ?, 'pending', ?, ?, ?, ?, ?)",
-            task_uuid,
-            new_ref(),
-            name_label,
-            time.time(),
-            owner,
-            self.host_uuid,
-            vdi,
-            int(running),
-        )
+        async with self.db.transaction() as tx:
+            await tx.execute(
+                "INSERT INTO tasks (uuid, ref, name_label, status, created, owner, host, vdi, "
+                "running) VALUES (?, ?, ?, 'pending', ?, ?, ?, ?, ?)",
+                task_uuid,
+                new_ref(),
+                name_label,
+                time.time(),
+                owner,
+                self.host_uuid,
+                vdi,
+                int(running),
+            )
+            await self.events.record("task", task_uuid, "add", db=tx)
         event(log, "task.created", task=task_uuid, name=name_label, user=owner, vdi=vdi)
         return await self.get(task_uuid)
 
@@ -160,9 +164,12 @@ class TaskManager:
 
     async def destroy(self, ident: str) -> None:
         row = await self.get(ident)
-        changed = await self.db.execute(
-            "DELETE FROM tasks WHERE uuid = ? AND running = 0", row["uuid"]
-        )
+        async with self.db.transaction() as tx:
+            changed = await tx.execute(
+                "DELETE FROM tasks WHERE uuid = ? AND running = 0", row["uuid"]
+            )
+            if changed:
+                await self.events.record("task", row["uuid"], "del", ref=row["ref"], db=tx)
         if not changed:
             raise ApiError(
                 "OTHER_OPERATION_IN_PROGRESS",
@@ -180,10 +187,14 @@ class TaskManager:
             return row
         if await self._transition(task_uuid, "cancelled", ["CANCELLED"], where_running=0):
             return await self.get(task_uuid)
-        if await self.db.execute(
-            "UPDATE tasks SET status = 'cancelling' WHERE uuid = ? AND status = 'pending'",
-            task_uuid,
-        ):
+        async with self.db.transaction() as tx:
+            cancelling = await tx.execute(
+                "UPDATE tasks SET status = 'cancelling' WHERE uuid = ? AND status = 'pending'",
+                task_uuid,
+            )
+            if cancelling:
+                await self.events.record("task", task_uuid, db=tx)
+        if cancelling:
             event(log, "task.transition", task=task_uuid, status="cancelling", vdi=row["vdi"])
         transfer = self.running.get(task_uuid)
         if transfer is not None:
@@ -274,12 +285,14 @@ class TaskManager:
     async def _write_progress(self, transfer: Transfer) -> None:
         transfer.written_at = time.monotonic()
         transfer.written = (transfer.bytes, transfer.progress)
-        await self.db.execute(
-            "UPDATE tasks SET progress = ?, bytes_transferred = ? WHERE uuid = ?",
-            transfer.progress,
-            transfer.bytes,
-            transfer.task,
-        )
+        async with self.db.transaction() as tx:
+            await tx.execute(
+                "UPDATE tasks SET progress = ?, bytes_transferred = ? WHERE uuid = ?",
+                transfer.progress,
+                transfer.bytes,
+                transfer.task,
+            )
+            await self.events.record("task", transfer.task, db=tx)
 
     async def make_resumable(
         self, transfer: Transfer, fmt: str, chunked: bool, length: int | None
@@ -448,7 +461,21 @@ class TaskManager:
         if where_running is not None:
             sql += " AND running = ?"
             args.append(where_running)
-        changed = await (db or self.db).execute(sql, *args)
+        if db is None:
+            async with self.db.transaction() as tx:
+                return await self._transition(
+                    task_uuid,
+                    status,
+                    error_info,
+                    result=result,
+                    progress=progress,
+                    nbytes=nbytes,
+                    where_running=where_running,
+                    db=tx,
+                )
+        changed = await db.execute(sql, *args)
+        if changed:
+            await self.events.record("task", task_uuid, db=db)
         if changed and where_running is not None:
             event(log, "task.transition", task=task_uuid, status=status)
         return bool(changed)
@@ -487,6 +514,7 @@ class TaskManager:
                     now,
                     row["uuid"],
                 )
+                await self.events.record("task", row["uuid"], db=tx)
                 await tx.execute(
                     "UPDATE vdis SET locked_by = NULL WHERE locked_by = ?", row["uuid"]
                 )
@@ -520,11 +548,14 @@ class TaskManager:
     async def collect_garbage(self) -> int:
         """Delete finished tasks older than the TTL."""
         now = time.time()
-        removed = await self.db.execute(
-            "DELETE FROM tasks WHERE status IN ('success', 'failure', 'cancelled') "
-            "AND finished < ?",
-            now - self.ttl,
-        )
+        where = "status IN ('success', 'failure', 'cancelled') AND finished < ?"
+        old = await self.db.fetchall(f"SELECT uuid, ref FROM tasks WHERE {where}", now - self.ttl)
+        if not old:
+            return 0
+        async with self.db.transaction() as tx:
+            removed = await tx.execute(f"DELETE FROM tasks WHERE {where}", now - self.ttl)
+            for row in old:
+                await self.events.record("task", row["uuid"], "del", ref=row["ref"], db=tx)
         if removed:
             event(log, "task.gc", removed=removed)
         return removed

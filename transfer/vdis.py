@@ -13,6 +13,7 @@ from common.errors import ApiError, bad_request
 from formats.registry import FORMATS, Identity
 from transfer import files, layers
 from transfer.db import Database, Row
+from transfer.events import EventLog
 from transfer.hosts import HostService
 from transfer.ids import iso, new_ref
 from transfer.ids import new_uuid as new_uuid_str
@@ -33,8 +34,9 @@ class VdiService:
     """VDIs and their files kept in step: create, snapshot, clone, delete, and the locks and
     read leases transfers hold."""
 
-    def __init__(self, db: Database, srs: SrService, hosts: HostService):
+    def __init__(self, db: Database, srs: SrService, hosts: HostService, events: EventLog):
         self.db = db
+        self.events = events  # adds and deletes a XenAPI client sees (event.from)
         self.srs = srs
         self.hosts = hosts  # a read lease counts while its host is live
 
@@ -99,18 +101,20 @@ class VdiService:
                 raise too_big from None
             raise
         try:
-            await self.db.execute(
-                "INSERT INTO vdis (uuid, ref, name_label, sr, virtual_size, image_format, "
-                "path, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                vdi_uuid,
-                new_ref(),
-                name_label,
-                sr["uuid"],
-                size,
-                fmt,
-                filename,
-                time.time(),
-            )
+            async with self.db.transaction() as tx:
+                await tx.execute(
+                    "INSERT INTO vdis (uuid, ref, name_label, sr, virtual_size, image_format, "
+                    "path, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    vdi_uuid,
+                    new_ref(),
+                    name_label,
+                    sr["uuid"],
+                    size,
+                    fmt,
+                    filename,
+                    time.time(),
+                )
+                await self.events.record("vdi", vdi_uuid, "add", db=tx)
         except BaseException:
             await files.in_thread(files.remove, path)
             raise
@@ -126,6 +130,7 @@ class VdiService:
             await self._hold_row(tx, row["uuid"])
             if await self._readers(tx, row["uuid"]):  # an export began since ensure_free
                 raise _being_exported(row["uuid"])
+            await self.events.record("vdi", row["uuid"], "del", ref=row["ref"], db=tx)
             current: Row | None = row
             while current is not None:
                 if await tx.fetchone(
@@ -176,7 +181,9 @@ class VdiService:
         and the VDI carries on in a new, empty child layer: O(1), no data copied. Raw: a
         copy (a reflink where the filesystem can, else the data extents only)."""
         row = await self.get(ident)
-        return await self._derive(row, name_label, snapshot=True)
+        snap = await self._derive(row, name_label, snapshot=True)
+        await self.events.record("vdi", row["uuid"])  # its list of snapshots grew
+        return snap
 
     async def clone(self, ident: str, name_label: str | None = None) -> Row:
         """A writable VDI starting from this one's content. Of a snapshot (VHD/QCOW2): a new
@@ -282,7 +289,23 @@ class VdiService:
         tx=None,
         hidden: bool = False,
     ) -> None:
-        await (tx or self.db).execute(
+        if tx is None:
+            async with self.db.transaction() as tx:
+                return await self._insert(
+                    vdi_uuid,
+                    label,
+                    source,
+                    filename,
+                    read_only,
+                    parent=parent,
+                    snapshot_of=snapshot_of,
+                    now=now,
+                    tx=tx,
+                    hidden=hidden,
+                )
+        if not hidden:
+            await self.events.record("vdi", vdi_uuid, "add", db=tx)
+        await tx.execute(
             "INSERT INTO vdis (uuid, ref, name_label, sr, virtual_size, image_format, "
             "read_only, is_a_snapshot, snapshot_of, parent, path, created, hidden) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",

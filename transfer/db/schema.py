@@ -12,7 +12,9 @@ import time
 
 from common.db import Database
 
-MIGRATIONS: list[tuple[int, list[str]]] = [
+Statement = str | dict[str, str]  # one SQL for both, or {dialect: SQL} where they differ
+
+MIGRATIONS: list[tuple[int, list[Statement]]] = [
     (
         1,
         [
@@ -124,6 +126,32 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             "CREATE INDEX tasks_host ON tasks(host, running)",
         ],
     ),
+    (
+        6,
+        [
+            # The XenAPI event log (transfer/events.py): one row per change of a record
+            # that event.from reports; ids grow in commit order (see EventLog.record).
+            {
+                "sqlite": """CREATE TABLE events (
+                    id INTEGER PRIMARY KEY AUTOINCREMENT,
+                    class TEXT NOT NULL,
+                    uuid TEXT NOT NULL,
+                    ref TEXT,
+                    operation TEXT NOT NULL,
+                    created DOUBLE PRECISION NOT NULL)""",
+                "postgresql": """CREATE TABLE events (
+                    id BIGSERIAL PRIMARY KEY,
+                    class TEXT NOT NULL,
+                    uuid TEXT NOT NULL,
+                    ref TEXT,
+                    operation TEXT NOT NULL,
+                    created DOUBLE PRECISION NOT NULL)""",
+            },
+            "CREATE INDEX events_created ON events(created)",
+            # Hosts get an OpaqueRef like every other XenAPI object (set at registration).
+            "ALTER TABLE hosts ADD COLUMN ref TEXT",
+        ],
+    ),
 ]
 
 
@@ -143,7 +171,8 @@ async def migrate(db: Database) -> int:
             if await tx.fetchone("SELECT 1 FROM schema_migrations WHERE version = ?", version):
                 current = version
                 continue
-            for sql in statements:
+            for statement in statements:
+                sql = statement if isinstance(statement, str) else statement[db.dialect]
                 await tx.execute(sql)
             await tx.execute(
                 "INSERT INTO schema_migrations (version, applied) VALUES (?, ?)",
