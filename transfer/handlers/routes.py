@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from transfer.handlers import records, session, transfers, users
+from transfer.handlers import records, rpc, session, transfers, users
 
 ROUTES = [
     ("GET", "/health", session.health),
@@ -49,6 +49,11 @@ ROUTES = [
     ("HEAD", "/uploads/{task}", transfers.upload_resource_status),
     ("PATCH", "/uploads/{task}", transfers.upload_append),
     ("DELETE", "/uploads/{task}", transfers.upload_cancel),
+    # XenAPI: JSON-RPC, and XML-RPC where XAPI and its clients look for it.
+    ("POST", "/jsonrpc", rpc.jsonrpc),
+    ("POST", "/", rpc.xmlrpc),
+    ("POST", "/RPC2", rpc.xmlrpc),
+    ("POST", "/xmlrpc", rpc.xmlrpc),
 ]
 ANSWERS_CONTINUE = {transfers.import_raw_vdi, transfers.upload_append}
 
