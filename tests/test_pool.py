@@ -551,6 +551,51 @@ def test_logout_on_one_host_is_seen_by_all(pool):
         assert raw(host, "GET", f"/vdis?session_id={sid}", auth=False)[0] == 401
 
 
+def test_event_from_wakes_for_a_task_a_transfer_on_another_host_updates(pool):
+    """A XAPI client waits on the host it talks to; the transfer runs on the host that owns
+    the disk. The task's end reaches the waiter through the shared database."""
+    import threading
+
+    import XenAPI
+
+    here, there = pool.hosts[0], pool.hosts[1]
+    xen = XenAPI.Session(here.url)
+    xen.xenapi.login_with_password("admin", ADMIN_PASSWORD)
+    task = xen.xenapi.task.create("import on another host", "")
+    token = xen.xenapi.event_from([f"task/{task}"], "", 0)["token"]
+    vdi = new_vdi(there)
+    seen: list[tuple[str, float]] = []
+
+    def watch() -> None:
+        nonlocal token
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            answer = xen.xenapi.event_from([f"task/{task}"], token, 30.0)
+            token = answer["token"]
+            for ev in answer["events"]:
+                seen.append((ev["snapshot"]["status"], time.monotonic()))
+            if seen and seen[-1][0] == "success":
+                return
+
+    waiter = threading.Thread(target=watch)
+    waiter.start()
+    time.sleep(0.5)  # the waiter is inside event.from on `here`
+    status, _, _ = raw(
+        there,
+        "PUT",
+        f"/import_raw_vdi?session_id={xen._session}&task_id={task}&vdi={vdi['ref']}",
+        auth=False,
+        body=os.urandom(MiB),
+    )
+    finished = time.monotonic()
+    assert status == 200
+    waiter.join(35)
+    assert seen and seen[-1][0] == "success"
+    assert seen[-1][1] - finished < 2.0  # woken by the change, not by its 30 s timeout
+    assert xen.xenapi.task.get_result(task) == f"<value>{vdi['ref']}</value>"
+    xen.xenapi.session.logout()
+
+
 # -- helpers -------------------------------------------------------------------------------
 
 
