@@ -188,8 +188,14 @@ def test_import_under_a_task_waited_for_with_event_from(xen, shared_server, tmp_
     assert x.task.get_result(task) == f"<value>{vdi}</value>"
     assert x.task.get_error_info(task) == []
     assert waiter["at"] - done < 3.0  # event_from woke, it did not sleep out its timeout
-    status, _, exported = http(f"{base}/export_raw_vdi?session_id={session}&vdi={vdi}")
+    # The export runs under a task of the client's too, and completes it.
+    reading = x.task.create("export", "")
+    status, headers, exported = http(
+        f"{base}/export_raw_vdi/?session_id={session}&vdi={vdi}&task_id={reading}"
+    )
     assert status == 200 and hashlib.sha256(exported).digest() == hashlib.sha256(data).digest()
+    assert headers["task-id"] == reading
+    assert wait_task(xen, reading)["status"] == "success"
     x.task.destroy(task)
     assert failure(x.task.get_record, task)[:2] == ["HANDLE_INVALID", "task"]
 

@@ -2,7 +2,7 @@
 and any byte range are known), then send the asked range from disk, off the loop.
 
     async with opened(svc, vdi, ...) as export:   a read lease, the checks, the layout
-        await export.start(user)                   the task
+        await export.start(principal, task)        the client's task, or a new one
         await export.send(sink, start, end)        bytes [start, end) out; the task ends
 
 Data extents come from the filesystem (SEEK_DATA/SEEK_HOLE): holes are sent as zeros without
@@ -21,7 +21,7 @@ import select
 import threading
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from common.errors import bad_request
 from formats.chain import READ, Chain
@@ -33,6 +33,9 @@ from transfer.db import Row
 from transfer.files import in_thread
 from transfer.services import Services
 from transfer.tasks import Operation
+
+if TYPE_CHECKING:
+    from auth.middleware import Principal  # (auth imports aiohttp; operations do not)
 
 log = logging.getLogger("vdi_transfer.export")
 
@@ -80,10 +83,13 @@ class Export(Operation):
     def filename(self) -> str:
         return f"{self.vdi['uuid']}.{self.wire.name}"
 
-    async def start(self, user: str) -> None:
-        """A task for the transfer of the body."""
+    async def start(self, principal: Principal, task: str | None = None) -> None:
+        """The body's transfer runs under the client's `task` (XAPI clients create one and
+        wait for it; it must be theirs), or under a new task."""
+        if task is not None:
+            await self.svc.tasks.get_owned(task, principal)
         self.transfer = await self.svc.tasks.begin(
-            None, f"export_raw_vdi {self.vdi['uuid']}", user, self.vdi["uuid"]
+            task, f"export_raw_vdi {self.vdi['uuid']}", principal.username, self.vdi["uuid"]
         )
 
     async def send(self, sink: Sink, start: int, end: int) -> int:

@@ -330,7 +330,7 @@ async def _send_export(request: web.Request, export: exports.Export) -> web.Stre
         await response.write_eof()
         return response
 
-    await export.start(request[PRINCIPAL].username)
+    await export.start(request[PRINCIPAL], param(request, "task_id"))
     request[LOG_FIELDS]["task"] = export.task
     response.headers["task-id"] = export.task_ref
     try:
