@@ -145,6 +145,15 @@ def test_records_as_xapi_writes_them(xen, shared_server):
     x.VDI.destroy(clone)
     assert failure(x.VDI.get_record, clone)[:2] == ["HANDLE_INVALID", "VDI"]
     assert failure(x.VDI.get_by_uuid, "nope")[:2] == ["UUID_INVALID", "VDI"]
+    # Async calls answer a task at once; the task carries the result, or the error.
+    task = x.Async.VDI.snapshot(vdi, {})
+    record = wait_task(xen, task)
+    assert record["status"] == "success" and record["name_label"] == "Async.VDI.snapshot"
+    made = record["result"].removeprefix("<value>").removesuffix("</value>")
+    assert x.VDI.get_snapshot_of(made) == vdi and made in x.VDI.get_snapshots(vdi)
+    record = wait_task(xen, x.Async.VDI.destroy("OpaqueRef:nothing"))
+    assert record["status"] == "failure"
+    assert record["error_info"] == ["HANDLE_INVALID", "VDI", "OpaqueRef:nothing"]
     methods = x.system.listMethods()
     assert "VDI.get_record" in methods and "event.from" in methods
 

@@ -370,6 +370,17 @@ class TaskManager:
     async def fail(self, transfer: Transfer, error_info: list[str]) -> None:
         await self._end(transfer, "failure", error_info)
 
+    async def settle(
+        self, task_uuid: str, error_info: list[str] | None = None, result: str | None = None
+    ) -> bool:
+        """End a task no transfer runs under (XenAPI's Async calls): success with `result`,
+        or failure with `error_info`; False if it had ended already (cancelled)."""
+        status = "failure" if error_info else "success"
+        done = await self._transition(task_uuid, status, error_info or [], result=result)
+        if done:
+            event(log, "task.finished", task=task_uuid, status=status, error=error_info or None)
+        return done
+
     @contextlib.asynccontextmanager
     async def run(self, transfer: Transfer) -> AsyncIterator[Transfer]:
         """Ends the task however the body ends: cancelled by the client (cancelled), stopped

@@ -7,6 +7,7 @@ the XenAPI parameters after the session, so the count XAPI checks is the signatu
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 from collections.abc import Awaitable, Callable
@@ -84,11 +85,21 @@ def method_names() -> list[str]:
     return sorted(METHODS)
 
 
+ASYNC = "Async."
+_running: set[asyncio.Task] = set()  # Async calls under way (kept from the GC)
+
+
+def _lookup(name: str) -> Spec | None:
+    return METHODS.get(name) or METHODS.get(_FOLDED.get(name.lower(), ""))
+
+
 async def dispatch(ctx: Context, call: Call) -> Any:
-    """The method's result, or XapiError."""
+    """The method's result, or XapiError. `Async.<method>` answers a task at once and runs
+    the method under it, as XAPI does."""
     name = call.method
-    spec = METHODS.get(name) or METHODS.get(_FOLDED.get(name.lower(), ""))
-    if spec is None:
+    asynchronous = name.startswith(ASYNC)
+    spec = _lookup(name[len(ASYNC) :] if asynchronous else name)
+    if spec is None or (asynchronous and not spec.session):
         raise XapiError("MESSAGE_METHOD_UNKNOWN", name)
     params = call.params
     if not spec.least <= len(params) <= spec.most:
@@ -105,9 +116,39 @@ async def dispatch(ctx: Context, call: Call) -> Any:
                     f"is {ctx.principal.role}",
                 )
             params = params[1:]
+        if asynchronous:
+            return await _start(ctx, name, spec, params)
         return await spec.run(ctx, *params)
     except ApiError as exc:
         raise XapiError(*describe(exc)) from None
+
+
+async def _start(ctx: Context, name: str, spec: Spec, params: list[Any]) -> str:
+    """The task of an Async call; the call runs in the background and ends the task with
+    its result (a VDI it made is the task's result) or its error."""
+    tasks = ctx.svc.tasks
+    row = await tasks.create(name, ctx.username, running=True)
+
+    async def run() -> None:
+        error, result = None, None
+        try:
+            value = await spec.run(ctx, *params)
+            if isinstance(value, str) and value.startswith("OpaqueRef:"):
+                made = await ctx.svc.db.fetchone("SELECT uuid FROM vdis WHERE ref = ?", value)
+                result = made["uuid"] if made else None
+        except XapiError as exc:
+            error = exc.description
+        except ApiError as exc:
+            error = describe(exc)
+        except Exception as exc:
+            log.exception("Async call failed", extra={"fields": {"method": name}})
+            error = ["INTERNAL_ERROR", str(exc) or repr(exc)]
+        await tasks.settle(row["uuid"], error, result)
+
+    job = asyncio.create_task(run())
+    _running.add(job)
+    job.add_done_callback(_running.discard)
+    return row["ref"]
 
 
 async def _authenticate(ctx: Context, session: Any) -> Principal:
