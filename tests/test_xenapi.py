@@ -224,6 +224,41 @@ def test_a_failed_import_fails_its_task_with_xapi_error_info(xen, shared_server)
     assert record["status"] == "failure" and record["error_info"][0] == "IMAGE_INVALID"
 
 
+def test_a_refused_transfer_fails_the_task_its_client_waits_for(xen, shared_server):
+    """XAPI fails the task of a request it refuses; a client waiting for the task with
+    event.from would otherwise wait forever."""
+    x = xen.xenapi
+    base, session = shared_server.url, xen._session
+    vdi = new_vdi(xen, MiB)
+    task = x.task.create("too big", "")
+    status, _, _ = http(
+        f"{base}/import_raw_vdi?session_id={session}&task_id={task}&vdi={vdi}",
+        "PUT",
+        bytes(2 * MiB),
+    )
+    assert status == 413
+    assert wait_task(xen, task)["error_info"][0] == "VDI_TOO_SMALL"
+    task = x.task.create("no such format", "")
+    status, _, _ = http(
+        f"{base}/import_raw_vdi?session_id={session}&task_id={task}&vdi={vdi}&format=iso",
+        "PUT",
+        bytes(MiB),
+    )
+    assert status == 415
+    assert wait_task(xen, task)["error_info"][0] == "FORMAT_UNSUPPORTED"
+    task = x.task.create("export of nothing", "")
+    status, _, _ = http(f"{base}/export_raw_vdi?session_id={session}&task_id={task}&vdi=nope")
+    assert status == 404
+    assert wait_task(xen, task)["error_info"][0] == "VDI_NOT_FOUND"
+    task = x.task.create("out of range", "")
+    status, _, _ = http(
+        f"{base}/export_raw_vdi?session_id={session}&task_id={task}&vdi={vdi}",
+        headers={"Range": f"bytes={2 * MiB}-"},
+    )
+    assert status == 416
+    assert wait_task(xen, task)["error_info"][0] == "RANGE_NOT_SATISFIABLE"
+
+
 def test_cancel_and_events_of_the_task_class(xen):
     x = xen.xenapi
     first = x.event_from(["task"], "", 0)

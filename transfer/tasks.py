@@ -162,6 +162,19 @@ class TaskManager:
                 row["uuid"],
             )
 
+    async def fail_unused(self, ident: str, principal: Principal, error_info: list[str]) -> None:
+        """A request that named this task failed before its transfer began. A task nothing
+        has used yet (a XenAPI client creates one to wait for its request) fails with the
+        request's error, as XAPI's do, so whoever waits for it learns why; the task of a
+        resumable upload, or someone else's, is left as it is."""
+        try:
+            row = await self.get(ident)
+            self.check_owner(row, principal)
+        except ApiError:
+            return
+        if row["status"] == "pending" and not row["running"] and not row["resumable"]:
+            await self._transition(row["uuid"], "failure", error_info, where_running=0)
+
     async def destroy(self, ident: str) -> None:
         row = await self.get(ident)
         async with self.db.transaction() as tx:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+from collections.abc import AsyncIterator
 
 from aiohttp import web
 
@@ -65,19 +66,21 @@ async def import_raw_vdi(request: web.Request) -> web.StreamResponse:
     """PUT /import_raw_vdi: a disk into a VDI (vdi=) or a new one (sr=), in any upload
     format; with task_id= (or Upload-Complete) a resumable upload, continued with
     Content-Range."""
-    params = imports.ImportParams(
-        vdi=param(request, "vdi"),
-        sr=param(request, "sr"),
-        format=choose_format(param(request, "format"), UPLOAD_FORMATS, "import"),
-        chunked=flag(request, "chunked"),
-        task_id=param(request, "task_id"),
-        virtual_size=param(request, "virtual_size"),
-        name_label=param(request, "name_label"),
-        content_range=_content_range(request.headers.get("Content-Range")),
-        complete=_upload_complete(request, default=True),
-        # Upload-Complete on an import: the client speaks the resumable-upload draft.
-        announced="Upload-Complete" in request.headers,
-    )
+    task = param(request, "task_id")
+    async with _failing_given_task(request, task):
+        params = imports.ImportParams(
+            vdi=param(request, "vdi"),
+            sr=param(request, "sr"),
+            format=choose_format(param(request, "format"), UPLOAD_FORMATS, "import"),
+            chunked=flag(request, "chunked"),
+            task_id=task,
+            virtual_size=param(request, "virtual_size"),
+            name_label=param(request, "name_label"),
+            content_range=_content_range(request.headers.get("Content-Range")),
+            complete=_upload_complete(request, default=True),
+            # Upload-Complete on an import: the client speaks the resumable-upload draft.
+            announced="Upload-Complete" in request.headers,
+        )
     return await _import(request, params)
 
 
@@ -85,17 +88,18 @@ async def _import(request: web.Request, params: imports.ImportParams) -> web.Str
     """An import (PUT) or an append to an upload resource (PATCH), from checks to answer."""
     svc = services(request)
     log_fields = request[LOG_FIELDS]
-    _refuse_encodings(request)
-    length = _content_length(request)
-    where = await imports.placement(svc, params)
-    if where is not None:
-        await pool.route(request, "import", *where)
-    op = await imports.Import.plan(svc, params, length)
-    log_fields["vdi"] = op.target_uuid
-    if op.probe:
-        # Clients probe with an empty PUT: answer, but create and write nothing.
-        return json_response({"task": None, "vdi": op.target_uuid, "bytes": 0})
-    await op.start(request[PRINCIPAL])
+    async with _failing_given_task(request, params.task_id):
+        _refuse_encodings(request)
+        length = _content_length(request)
+        where = await imports.placement(svc, params)
+        if where is not None:
+            await pool.route(request, "import", *where)
+        op = await imports.Import.plan(svc, params, length)
+        log_fields["vdi"] = op.target_uuid
+        if op.probe:
+            # Clients probe with an empty PUT: answer, but create and write nothing.
+            return json_response({"task": None, "vdi": op.target_uuid, "bytes": 0})
+        await op.start(request[PRINCIPAL])
     log_fields.update(vdi=op.target_uuid, task=op.task)
     headers = {"task-id": op.task_ref}
     if params.resumable:
@@ -135,6 +139,18 @@ async def _import(request: web.Request, params: imports.ImportParams) -> web.Str
         {"task": op.task, "task_ref": op.task_ref, "vdi": op.target_uuid, "bytes": received},
         headers=headers,
     )
+
+
+@contextlib.asynccontextmanager
+async def _failing_given_task(request: web.Request, task: str | None) -> AsyncIterator[None]:
+    """A transfer refused before it began fails the task the client named for it, if
+    nothing used that task yet: a XenAPI client waiting for it would wait forever."""
+    try:
+        yield
+    except ApiError as exc:
+        if task:
+            await services(request).tasks.fail_unused(task, request[PRINCIPAL], exc.error_info)
+        raise
 
 
 def _refuse_encodings(request: web.Request) -> None:
@@ -287,19 +303,24 @@ async def export_raw_vdi(request: web.Request) -> web.StreamResponse:
     """GET|HEAD /export_raw_vdi: a VDI in any export format (or XAPI's chunk framing),
     whole or what changed since base=, with Range and If-Range on any byte of it."""
     svc = services(request)
-    vdi_ident = param(request, "vdi")
-    if not vdi_ident:
-        raise bad_request("give vdi= (the VDI to export)")
-    fmt = choose_format(param(request, "format"), EXPORT_FORMATS, "export")
-    chunked = flag(request, "chunked")
-    vdi = await svc.vdis.get(vdi_ident)
-    request[LOG_FIELDS]["vdi"] = vdi["uuid"]
-    await pool.route(request, "export", vdi["uuid"], await svc.vdis.owner(vdi))
-    async with exports.opened(svc, vdi["uuid"], fmt, chunked, param(request, "base")) as export:
-        return await _send_export(request, export)
+    task = param(request, "task_id") if request.method == "GET" else None
+    async with _failing_given_task(request, task):
+        vdi_ident = param(request, "vdi")
+        if not vdi_ident:
+            raise bad_request("give vdi= (the VDI to export)")
+        fmt = choose_format(param(request, "format"), EXPORT_FORMATS, "export")
+        chunked = flag(request, "chunked")
+        vdi = await svc.vdis.get(vdi_ident)
+        request[LOG_FIELDS]["vdi"] = vdi["uuid"]
+        await pool.route(request, "export", vdi["uuid"], await svc.vdis.owner(vdi))
+        base = param(request, "base")
+        async with exports.opened(svc, vdi["uuid"], fmt, chunked, base) as export:
+            return await _send_export(request, export, task)
 
 
-async def _send_export(request: web.Request, export: exports.Export) -> web.StreamResponse:
+async def _send_export(
+    request: web.Request, export: exports.Export, task: str | None
+) -> web.StreamResponse:
     total = export.length
     wanted = None
     try:
@@ -307,6 +328,8 @@ async def _send_export(request: web.Request, export: exports.Export) -> web.Stre
             request.headers.get("Range"), request.headers.get("If-Range"), export.etag, total
         )
     except ApiError as exc:
+        if task:
+            await services(request).tasks.fail_unused(task, request[PRINCIPAL], exc.error_info)
         return error_response(
             exc,
             {"Content-Range": f"bytes */{total}", "ETag": export.etag, "Accept-Ranges": "bytes"},
@@ -330,7 +353,7 @@ async def _send_export(request: web.Request, export: exports.Export) -> web.Stre
         await response.write_eof()
         return response
 
-    await export.start(request[PRINCIPAL], param(request, "task_id"))
+    await export.start(request[PRINCIPAL], task)
     request[LOG_FIELDS]["task"] = export.task
     response.headers["task-id"] = export.task_ref
     try:

@@ -10,7 +10,7 @@ from typing import Any
 from transfer.db import Row
 from transfer.rpc import watch
 from transfer.rpc.dispatch import Context, XapiError, integer, method_names, text, xapi
-from transfer.rpc.records import RecordView
+from transfer.rpc.records import RecordView, pool_identity
 
 # -- session -------------------------------------------------------------------------------
 
@@ -286,10 +286,15 @@ xapi("event_from")(event_from)
 async def event_inject(ctx: Context, cls: Any, ref: Any) -> str:
     """A `mod` event for an object, as if it had changed; the token after it."""
     name = watch.class_name(text(cls, "class"))
-    if name not in _TABLES:
+    if name == "pool":  # Xen Orchestra starts its event loop with a mark on the pool
+        uuid, pool_ref = await pool_identity(ctx.svc)
+        if ref != pool_ref:
+            raise XapiError("HANDLE_INVALID", "pool", str(ref))
+    elif name in _TABLES:
+        uuid = (await row_of(ctx, name, ref))["uuid"]
+    else:
         raise XapiError("HANDLE_INVALID", str(cls), str(ref))
-    row = await row_of(ctx, name, ref)
-    await ctx.svc.events.record(name.lower(), row["uuid"])
+    await ctx.svc.events.record(name.lower(), uuid)
     return watch.token_of(await ctx.svc.events.latest())
 
 

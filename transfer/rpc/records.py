@@ -14,6 +14,7 @@ import urllib.parse
 
 from transfer import __version__
 from transfer.db import Row
+from transfer.ids import new_ref, new_uuid
 from transfer.rpc.wire import NEVER, Timestamp
 from transfer.services import Services
 
@@ -23,8 +24,6 @@ CLASSES = ("pool", "host", "SR", "VDI", "task")  # what this server has records 
 
 async def pool_identity(svc: Services) -> tuple[str, str]:
     """The pool's (uuid, ref), created once for the whole pool by whichever host asks first."""
-    from transfer.ids import new_ref, new_uuid
-
     for name, value in (("pool_uuid", new_uuid()), ("pool_ref", new_ref())):
         await svc.db.execute(
             "INSERT INTO pool_settings (name, value) VALUES (?, ?) ON CONFLICT (name) DO NOTHING",
@@ -242,6 +241,9 @@ class RecordView:
 
     async def one(self, cls: str, uuid: str) -> tuple[str, dict] | None:
         """(ref, record) of the `cls` object `uuid` (event.from's snapshot), None if gone."""
+        if cls == "pool":
+            ref, record = await self.pool()
+            return (ref, record) if record["uuid"] == uuid else None
         table = {"VDI": "vdis", "task": "tasks", "SR": "srs", "host": "hosts"}[cls]
         extra = " AND hidden = 0" if cls == "VDI" else ""
         row = await self.svc.db.fetchone(f"SELECT * FROM {table} WHERE uuid = ?{extra}", uuid)
