@@ -7,6 +7,7 @@ request-header parsers."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import zlib
 
@@ -22,6 +23,7 @@ from formats.ova import OvaDecoder
 from formats.spill import MemorySpill
 from formats.vmdk import VmdkStreamDecoder
 from transfer.handlers.transfers import _content_range, _upload_complete
+from transfer.rpc.wire import Call, MalformedCall, decode_json, decode_xml
 from transfer.sizes import parse_size
 
 MiB = 1 << 20
@@ -161,3 +163,60 @@ def _upload_complete_of(value: str) -> bool:
         headers = {"Upload-Complete": value}
 
     return _upload_complete(Request(), default=None)  # type: ignore[arg-type]
+
+
+# -- XenAPI request bodies -----------------------------------------------------------------
+
+XML_CALL = (
+    b"<?xml version='1.0'?><methodCall><methodName>VDI.get_record</methodName><params>"
+    b"<param><value><string>s</string></value></param><param><value><struct><member>"
+    b"<name>a</name><value><array><data><value><i8>5</i8></value><value><double>1.5</double>"
+    b"</value><value><boolean>1</boolean></value><value><dateTime.iso8601>20260101T00:00:00"
+    b"</dateTime.iso8601></value><value><base64>AAAA</base64></value><value><nil/></value>"
+    b"</data></array></value></member></struct></value></param></params></methodCall>"
+)
+
+
+@FUZZ
+@given(
+    flips=st.lists(st.tuples(st.integers(0, len(XML_CALL) - 1), st.integers(0, 255)), max_size=8),
+    keep=st.integers(0, len(XML_CALL)),
+)
+def test_xmlrpc_bodies_decode_or_fault(flips, keep):
+    """A mutated XML-RPC call is a call or a MalformedCall (a fault), never a crash."""
+    body = bytearray(XML_CALL[:keep])
+    for at, value in flips:
+        if at < len(body):
+            body[at] = value
+    try:
+        call = decode_xml(bytes(body))
+    except MalformedCall:
+        return
+    assert isinstance(call.method, str) and isinstance(call.params, list)
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner),
+    max_leaves=12,
+)
+
+
+@FUZZ
+@given(
+    st.binary(max_size=300)
+    | st.builds(lambda v: json.dumps(v).encode(), JSON_VALUES)
+    | st.builds(
+        lambda m, p, i: json.dumps({"jsonrpc": "2.0", "method": m, "params": p, "id": i}).encode(),
+        JSON_VALUES,
+        JSON_VALUES,
+        JSON_VALUES,
+    )
+)
+def test_jsonrpc_bodies_decode_or_fault(body):
+    """Any JSON-RPC body is a call or a MalformedCall (a -32xxx error), never a crash."""
+    try:
+        call = decode_json(body)
+    except MalformedCall:
+        return
+    assert isinstance(call, Call) and isinstance(call.method, str) and isinstance(call.params, list)

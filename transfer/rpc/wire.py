@@ -65,10 +65,12 @@ def decode_xml(body: bytes) -> Call:
         raise MalformedCall(-32600, "XML-RPC requests must not carry a DTD")
     try:
         params, method = xmlrpc.client.loads(body, use_builtin_types=True)
-    except (ExpatError, ValueError, TypeError, KeyError, IndexError, OverflowError) as exc:
-        raise MalformedCall(-32700, f"the body is not XML-RPC: {exc}") from None
     except xmlrpc.client.Fault:
         raise MalformedCall(-32600, "a fault is not a request") from None
+    except (xmlrpc.client.Error, ExpatError, ValueError, TypeError, LookupError) as exc:
+        # Error: an unknown tag (ResponseError); the rest: bad numbers, dates, base64,
+        # unbalanced structures, as the unmarshaller meets them.
+        raise MalformedCall(-32700, f"the body is not XML-RPC: {exc}") from None
     if not isinstance(method, str) or not method:
         raise MalformedCall(-32600, "the body is not an XML-RPC <methodCall>")
     return Call(method, list(params))
