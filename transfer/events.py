@@ -9,7 +9,7 @@ PostgreSQL the insert takes a transaction-scoped advisory lock first, so ids are
 committed in the same order.
 
 Waiters on this host wake at once when this host appends; changes made by other hosts are
-noticed by polling the newest id (POLL_INTERVAL) while anyone waits.
+noticed by one poller that looks at the newest id every POLL_INTERVAL while anyone waits.
 """
 
 from __future__ import annotations
@@ -35,6 +35,8 @@ class EventLog:
     def __init__(self, db: Database):
         self.db = db
         self._changed = asyncio.Event()
+        self._waiting = 0  # calls waiting in `wait`
+        self._poller: asyncio.Task | None = None
 
     async def record(
         self,
@@ -78,16 +80,22 @@ class EventLog:
         self._changed = asyncio.Event()
 
     async def latest(self) -> int:
+        """The id of the newest change (the pruning mark, when everything was pruned)."""
         row = await self.db.fetchone("SELECT MAX(id) AS id FROM events")
-        return int(row["id"] or 0) if row else 0
+        if row and row["id"] is not None:
+            return int(row["id"])
+        return await self._pruned_to()
+
+    async def _pruned_to(self) -> int:
+        row = await self.db.fetchone(
+            "SELECT value FROM pool_settings WHERE name = 'events_pruned_to'"
+        )
+        return int(row["value"]) if row else 0
 
     async def after(self, token: int) -> list[Row]:
         """The changes after `token`, oldest first (at most MAX_BATCH).
         EVENTS_LOST if some of them were already forgotten."""
-        pruned = await self.db.fetchone(
-            "SELECT value FROM pool_settings WHERE name = 'events_pruned_to'"
-        )
-        if pruned and token < int(pruned["value"]):
+        if token < await self._pruned_to():
             raise ApiError("EVENTS_LOST", f"changes after {token} are no longer kept")
         return await self.db.fetchall(
             "SELECT id, class, uuid, ref, operation FROM events WHERE id > ? ORDER BY id LIMIT ?",
@@ -98,15 +106,35 @@ class EventLog:
     async def wait(self, token: int, deadline: float) -> bool:
         """Until there is a change after `token` or the monotonic `deadline` passes;
         whether there is one."""
-        while True:
-            if await self.latest() > token:
-                return True
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return False
-            changed = self._changed
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(changed.wait(), min(left, POLL_INTERVAL))
+        self._waiting += 1
+        if self._poller is None or self._poller.done():
+            self._poller = asyncio.create_task(self._poll())
+        try:
+            while True:
+                changed = self._changed
+                if await self.latest() > token:
+                    return True
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(changed.wait(), left)
+        finally:
+            self._waiting -= 1
+
+    async def _poll(self) -> None:
+        """While anyone waits here: one look at the newest id every POLL_INTERVAL for all
+        of them, so a change made by another host of the pool wakes them."""
+        seen = await self.latest()
+        while self._waiting:
+            await asyncio.sleep(POLL_INTERVAL)
+            try:
+                newest = await self.latest()
+            except Exception:
+                continue  # the database is away for a moment: the waiters time out anyway
+            if newest > seen:
+                seen = newest
+                self.wake()
 
     async def prune(self, now: float) -> int:
         """Forget changes older than KEEP_EVENTS; tokens from before them get EVENTS_LOST."""
