@@ -5,7 +5,7 @@ datetimes. XAPI writes XML-RPC compactly, with its own conventions that clients 
 (`XenAPI.py`, Xen Orchestra's `xen-api`): every int is an int64 and goes out as a string,
 an empty string is `<value></value>`, and the answer is a struct {Status, Value} or
 {Status: "Failure", ErrorDescription}. JSON-RPC answers follow XAPI's jsonrpc.ml: version 2.0
-errors are {code: 1, message: CODE, data: [params]}.
+errors are {code: 1, message: CODE, data: [params]}, version 1.0 ones the bare list.
 """
 
 from __future__ import annotations
@@ -150,12 +150,16 @@ def decode_json(body: bytes) -> Call:
         raise MalformedCall(-32700, f"the body is not JSON: {exc}") from None
     if not isinstance(data, dict):
         raise MalformedCall(-32600, "a JSON-RPC request is an object (batches are not served)")
-    method, params = data.get("method"), data.get("params", [])
+    method, params = data.get("method"), data.get("params")
     if not isinstance(method, str) or not method:
         raise MalformedCall(-32600, "the request has no method")
+    version = "2.0" if data.get("jsonrpc") == "2.0" else "1.0"
+    if params is None:
+        params = []
+    elif isinstance(params, dict):  # as XAPI reads it: one struct parameter
+        params = [params]
     if not isinstance(params, list):
         raise MalformedCall(-32602, "XenAPI params are positional: a JSON array")
-    version = "2.0" if data.get("jsonrpc") == "2.0" else "1.0"
     return Call(method, params, data.get("id"), version)
 
 
@@ -177,10 +181,11 @@ def json_success(call: Call, value: Any) -> bytes:
 
 
 def json_failure(call: Call, description: list[str]) -> bytes:
-    """XAPI's JSON-RPC error: code 1, the XenAPI error code as message, its params as data."""
-    error = {"code": 1, "message": description[0], "data": description[1:]}
+    """XAPI's JSON-RPC errors (api_server.ml): version 2.0 an error object with code 1, the
+    XenAPI code as message and its params as data; version 1.0 the bare [CODE, params...]."""
     if call.version == "1.0":
-        return _dump({"result": None, "error": error, "id": call.id})
+        return _dump({"result": None, "error": description, "id": call.id})
+    error = {"code": 1, "message": description[0], "data": description[1:]}
     return _dump({"jsonrpc": "2.0", "error": error, "id": call.id})
 
 
