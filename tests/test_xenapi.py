@@ -375,7 +375,9 @@ def test_xmlrpc_wire_form(shared_server):
     for path in ("/", "/RPC2", "/xmlrpc"):
         status, headers, body = post(base + path, call.encode(), "text/xml")
         assert status == 200 and headers["Content-Type"].startswith("text/xml")
-        assert body.startswith(b"<methodResponse><params><param><value><struct>"), body
+        assert body.startswith(
+            b'<?xml version="1.0"?><methodResponse><params><param><value><struct>'
+        ), body
         session = xmlrpc.client.loads(body)[0][0]["Value"]
     fetch = xmlrpc.client.dumps((session,), "pool.get_all_records").encode()
     _, _, body = post(base + "/", fetch, "text/xml")
@@ -384,6 +386,14 @@ def test_xmlrpc_wire_form(shared_server):
     _, _, body = post(base + "/", fetch, "text/xml")
     assert b"<name>physical_size</name><value>" in body and b"<int>" not in body
     assert b"\n" not in body  # compact, as XAPI writes it
+    # Control characters XML cannot carry are dropped, not sent to break the client.
+    sr = next(iter(jsonrpc(base, "SR.get_all", [session])["result"]))
+    vdi = jsonrpc(base, "VDI.create", [session, {"SR": sr, "virtual_size": 1 << 20}])["result"]
+    assert jsonrpc(base, "VDI.set_name_label", [session, vdi, "bell\x07 <&>"])["result"] == ""
+    _, _, body = post(
+        base + "/", xmlrpc.client.dumps((session, vdi), "VDI.get_record").encode(), "text/xml"
+    )
+    assert xmlrpc.client.loads(body)[0][0]["Value"]["name_label"] == "bell <&>"
     # What is not a call at all gets an XML-RPC fault; a bomb is refused before parsing.
     for junk in (
         b"<methodCall><methodName>x",

@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 import xmlrpc.client
 from dataclasses import dataclass
 from typing import Any
 from xml.parsers.expat import ExpatError
-from xml.sax.saxutils import escape
 
 MAX_BODY = 1 << 20  # bytes of one RPC request
+PROLOG = '<?xml version="1.0"?>'  # as XAPI (ocaml-rpc's xmlrpc.ml) starts every answer
 
 
 @dataclass(frozen=True)
@@ -82,15 +83,15 @@ def _xml_value(value: Any, out: list[str]) -> None:
     elif isinstance(value, int):
         out.append(f"<value>{value}</value>")  # XAPI's int64s travel as strings
     elif isinstance(value, float):
-        out.append(f"<value><double>{_finite(value)!r}</double></value>")
+        out.append(f"<value><double>{_finite(value):.16g}</double></value>")
     elif isinstance(value, str):
-        out.append(f"<value>{escape(value)}</value>")
+        out.append(f"<value>{_text(value)}</value>")
     elif isinstance(value, Timestamp):
         out.append(f"<value><dateTime.iso8601>{value}</dateTime.iso8601></value>")
     elif isinstance(value, dict):
         out.append("<value><struct>")
         for key, item in value.items():
-            out.append(f"<member><name>{escape(str(key))}</name>")
+            out.append(f"<member><name>{_text(str(key))}</name>")
             _xml_value(item, out)
             out.append("</member>")
         out.append("</struct></value>")
@@ -109,8 +110,19 @@ def _finite(value: float) -> float:
     return value if math.isfinite(value) else 0.0
 
 
+_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f]")
+_ENTITIES = {"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;"}
+_SPECIAL = re.compile('[&<>"]')
+
+
+def _text(value: str) -> str:
+    """Character data as XAPI writes it: markup characters escaped, and the control
+    characters XML 1.0 cannot carry dropped (a client could not parse the answer)."""
+    return _SPECIAL.sub(lambda m: _ENTITIES[m.group()], _CONTROL.sub("", value))
+
+
 def _xml_response(answer: dict) -> bytes:
-    out = ["<methodResponse><params><param>"]
+    out = [PROLOG, "<methodResponse><params><param>"]
     _xml_value(answer, out)
     out.append("</param></params></methodResponse>")
     return "".join(out).encode()
@@ -130,9 +142,9 @@ def xml_fault(code: int, message: str) -> bytes:
     """An XML-RPC <fault>: for a body that is not a call (there is no method to fail).
     faultCode is an <int>, as the XML-RPC spec says."""
     return (
-        "<methodResponse><fault><value><struct>"
+        f"{PROLOG}<methodResponse><fault><value><struct>"
         f"<member><name>faultCode</name><value><int>{code}</int></value></member>"
-        f"<member><name>faultString</name><value>{escape(message)}</value></member>"
+        f"<member><name>faultString</name><value>{_text(message)}</value></member>"
         "</struct></value></fault></methodResponse>"
     ).encode()
 
