@@ -120,6 +120,13 @@ class VdiService:
             raise
         return await self.get(vdi_uuid)
 
+    async def rename(self, vdi_uuid: str, name_label: str) -> None:
+        if len(name_label) > MAX_NAME:
+            raise bad_request(f"name_label must be at most {MAX_NAME} characters")
+        async with self.db.transaction() as tx:
+            await tx.execute("UPDATE vdis SET name_label = ? WHERE uuid = ?", name_label, vdi_uuid)
+            await self.events.record("vdi", vdi_uuid, db=tx)
+
     async def delete(self, ident: str) -> Row:
         """Remove a VDI. If other VDIs read through its file (it is a layer of their chains),
         it only disappears from view; the file goes with the last VDI that needs it."""

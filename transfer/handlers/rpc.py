@@ -69,33 +69,47 @@ async def _answer(
 @public
 async def xmlrpc(request: web.Request) -> web.Response:
     """XML-RPC: XAPI's {Status, Value | ErrorDescription} struct in a methodResponse."""
-    body = await _body(request)
-    if body is None:
-        fault = wire.xml_fault(-32600, f"the request is larger than {wire.MAX_BODY} bytes")
-        return web.Response(body=fault, status=413, content_type=XML)
-    try:
-        call = wire.decode_xml(body)
-    except wire.MalformedCall as exc:
-        return web.Response(body=wire.xml_fault(exc.code, exc.message), content_type=XML)
-    answer = await _answer(request, call, wire.xml_success, wire.xml_failure)
-    return web.Response(body=answer, content_type=XML)
+    return await _serve(
+        request,
+        XML,
+        wire.decode_xml,
+        wire.xml_fault,
+        lambda call: (wire.xml_success, wire.xml_failure),
+    )
 
 
 @public
 async def jsonrpc(request: web.Request) -> web.Response:
     """JSON-RPC 2.0 (and 1.0): XAPI's error object {code: 1, message: CODE, data}."""
+    return await _serve(
+        request,
+        JSON,
+        wire.decode_json,
+        wire.json_fault,
+        lambda call: (
+            lambda value: wire.json_success(call, value),
+            lambda description: wire.json_failure(call, description),
+        ),
+    )
+
+
+async def _serve(
+    request: web.Request,
+    content_type: str,
+    decode: Callable[[bytes], wire.Call],
+    fault: Callable[[int, str], bytes],
+    envelopes: Callable[
+        [wire.Call], tuple[Callable[[object], bytes], Callable[[list[str]], bytes]]
+    ],
+) -> web.Response:
+    """Read, decode, run and answer one call in one protocol's forms."""
     body = await _body(request)
     if body is None:
-        fault = wire.json_fault(-32600, f"the request is larger than {wire.MAX_BODY} bytes")
-        return web.Response(body=fault, status=413, content_type=JSON)
+        answer = fault(-32600, f"the request is larger than {wire.MAX_BODY} bytes")
+        return web.Response(body=answer, status=413, content_type=content_type)
     try:
-        call = wire.decode_json(body)
+        call = decode(body)
     except wire.MalformedCall as exc:
-        return web.Response(body=wire.json_fault(exc.code, exc.message), content_type=JSON)
-    answer = await _answer(
-        request,
-        call,
-        lambda value: wire.json_success(call, value),
-        lambda description: wire.json_failure(call, description),
-    )
-    return web.Response(body=answer, content_type=JSON)
+        return web.Response(body=fault(exc.code, exc.message), content_type=content_type)
+    answer = await _answer(request, call, *envelopes(call))
+    return web.Response(body=answer, content_type=content_type)

@@ -227,11 +227,7 @@ async def vdi_destroy(ctx: Context, vdi: Any) -> str:
 async def vdi_set_name_label(ctx: Context, vdi: Any, value: Any) -> str:
     """Rename the VDI."""
     row = await row_of(ctx, "VDI", vdi)
-    label = text(value, "value")
-    if len(label) > 255:
-        raise XapiError("FIELD_TYPE_ERROR", "value")
-    await ctx.svc.db.execute("UPDATE vdis SET name_label = ? WHERE uuid = ?", label, row["uuid"])
-    await ctx.svc.events.record("vdi", row["uuid"])
+    await ctx.svc.vdis.rename(row["uuid"], text(value, "value"))
     return ""
 
 
