@@ -33,6 +33,7 @@ ROUTES = [
     ("POST", "/vdis/{uuid}/snapshot", records.snapshot_vdi),
     ("POST", "/vdis/{uuid}/clone", records.clone_vdi),
     ("GET", "/vdis/{uuid}/extents", transfers.extents),
+    ("GET", "/vdis/{uuid}/checksum", transfers.checksum),
     ("GET", "/tasks", records.list_tasks),
     ("GET", "/tasks/{uuid}", records.get_task),
     ("POST", "/tasks", records.create_task),

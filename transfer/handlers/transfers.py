@@ -17,7 +17,7 @@ from auth.middleware import PRINCIPAL, accepts_ticket, requires
 from common.errors import ApiError, bad_request
 from common.logfields import LOG_FIELDS
 from formats.registry import EXPORT_FORMATS, UPLOAD_FORMATS
-from transfer import exports, imports, pool
+from transfer import checksums, exports, imports, pool
 from transfer.handlers.common import choose_format, json_response
 from transfer.handlers.errors import error_response
 from transfer.handlers.streams import RequestBody, ResponseSink, send_interim
@@ -392,3 +392,21 @@ async def extents(request: web.Request) -> web.Response:
     base = await svc.vdis.get(request.query["base"]) if request.query.get("base") else None
     runs = await exports.extents(svc, vdi, base)
     return json_response([{"start": s, "length": n, "zero": zero} for s, n, zero in runs])
+
+
+# -- checksum ------------------------------------------------------------------------------
+
+
+@requires("reader")
+@accepts_ticket("checksum")
+async def checksum(request: web.Request) -> web.Response:
+    """GET /vdis/{uuid}/checksum?algorithm=sha256|blake2b&block_size=4MiB: a checksum of the
+    disk's content, the same whatever its runtime format or sparseness (transfer/checksums.py)."""
+    svc = services(request)
+    algorithm, block_size = checksums.parse_request(
+        request.query.get("algorithm"), request.query.get("block_size")
+    )
+    vdi = await svc.vdis.get(request.match_info["uuid"])
+    request[LOG_FIELDS]["vdi"] = vdi["uuid"]
+    await pool.route(request, "checksum", vdi["uuid"], await svc.vdis.owner(vdi))
+    return json_response(await checksums.checksum(svc, vdi["uuid"], algorithm, block_size))
