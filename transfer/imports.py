@@ -28,7 +28,7 @@ from common.logfields import event
 from formats.errors import FormatError, FramingError, OutOfBounds, Unsupported
 from formats.events import Header
 from formats.registry import RAW, RUNTIME_FORMATS, Format, wire
-from transfer import checkpoints, layers, pipeline, reserve
+from transfer import cbt, checkpoints, layers, pipeline, reserve
 from transfer.db import Row
 from transfer.files import in_thread
 from transfer.pipeline import Applier
@@ -559,13 +559,29 @@ class Import(Operation):
         )
 
     async def _open_target(self) -> Target:
-        """A raw VDI's file is the disk: written directly. Any other through its chain."""
-        vdi = self.vdi
+        """A raw VDI's file is the disk: written directly. Any other through its chain.
+        With changed block tracking on, every write is logged ahead (transfer/cbt.py)."""
+        assert self.vdi is not None
+        vdi = await self.svc.vdis.get(self.vdi["uuid"])  # as it is under our lock
+        target: Target
         if vdi["image_format"] == RAW.name:
-            return await in_thread(RawFile.open, await self.svc.vdis.path(vdi))
-        files = await self.svc.vdis.chain_files(vdi)
-        chain = await in_thread(functools.partial(layers.open_chain, files, writable=True))
-        return ChainTop(chain)
+            target = await in_thread(RawFile.open, await self.svc.vdis.path(vdi))
+        else:
+            files = await self.svc.vdis.chain_files(vdi)
+            chain = await in_thread(functools.partial(layers.open_chain, files, writable=True))
+            target = ChainTop(chain)
+        if not vdi["cbt_enabled"]:
+            return target
+        log = cbt.path_of(await self.svc.vdis.path(vdi), vdi["uuid"])
+        if not await in_thread(log.exists):  # lost (a crash while it changed hands)
+            await self.svc.db.execute(
+                "UPDATE vdis SET cbt_complete = 0 WHERE uuid = ?", vdi["uuid"]
+            )
+        try:
+            return await in_thread(cbt.TrackedTarget, target, log, vdi["virtual_size"])
+        except BaseException:
+            await in_thread(target.close)
+            raise
 
     def runtime_format(self) -> str:
         """How a VDI created by an import is stored: the configured mapping from the upload's

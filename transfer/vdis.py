@@ -11,7 +11,7 @@ from pathlib import Path
 from common.db import Executor
 from common.errors import ApiError, bad_request
 from formats.registry import FORMATS, Identity
-from transfer import files, layers
+from transfer import cbt, files, layers
 from transfer.db import Database, Row
 from transfer.events import EventLog
 from transfer.hosts import HostService
@@ -120,6 +120,148 @@ class VdiService:
             raise
         return await self.get(vdi_uuid)
 
+    # -- changed block tracking (transfer/cbt.py) ---------------------------------------------
+
+    async def _log(self, row: Row, vdi_uuid: str | None = None) -> Path:
+        """The change log of version `vdi_uuid` (default: the row's own), in the row's SR."""
+        sr = await self.srs.get(row["sr"])
+        return Path(sr["path"]) / f"{vdi_uuid or row['uuid']}.cbt"
+
+    async def set_cbt(self, ident: str, enabled: bool) -> Row:
+        """Turn tracking on (an empty log; complete only for a VDI never written) or off
+        (its log is discarded). Snapshots keep what they were taken with."""
+        row = await self.get(ident)
+        if row["read_only"]:
+            raise ApiError(
+                "VDI_READ_ONLY", f"VDI {row['uuid']} is a snapshot: it tracks nothing", row["uuid"]
+            )
+        if bool(row["cbt_enabled"]) == enabled:
+            return row
+        task = f"cbt-{row['uuid']}"
+        await self.lock(row["uuid"], task)  # no import writes while the log changes hands
+        try:
+            log = await self._log(row)
+            if enabled:
+                await files.in_thread(cbt.create, log, row["virtual_size"])
+                untouched = row["generation"] == 0 and row["parent"] is None
+            else:
+                await files.in_thread(cbt.remove, log)
+                untouched = False
+            async with self.db.transaction() as tx:
+                await tx.execute(
+                    "UPDATE vdis SET cbt_enabled = ?, cbt_complete = ? WHERE uuid = ?",
+                    int(enabled),
+                    int(enabled and untouched),
+                    row["uuid"],
+                )
+                await self.events.record("vdi", row["uuid"], db=tx)
+        finally:
+            await self.unlock(row["uuid"], task)
+        return await self.get(row["uuid"])
+
+    async def _cbt_freeze(self, live: Row, frozen_uuid: str) -> None:
+        """A version was frozen from the live VDI (its snapshot, or a clone's hidden base):
+        it takes the VDI's epoch and log, and the VDI starts an empty, complete one."""
+        if not live["cbt_enabled"]:
+            return
+        log, frozen_log = await self._log(live), await self._log(live, frozen_uuid)
+
+        def hand_over() -> bool:
+            had = log.exists()
+            if had:
+                cbt.rename(log, frozen_log)
+            cbt.create(log, live["virtual_size"])
+            return had
+
+        had_log = await files.in_thread(hand_over)
+        async with self.db.transaction() as tx:
+            await tx.execute(
+                "UPDATE vdis SET cbt_enabled = 1, cbt_prev = ?, cbt_complete = ? WHERE uuid = ?",
+                live["cbt_prev"],
+                int(bool(live["cbt_complete"]) and had_log),
+                frozen_uuid,
+            )
+            await tx.execute(
+                "UPDATE vdis SET cbt_prev = ?, cbt_complete = 1 WHERE uuid = ?",
+                frozen_uuid,
+                live["uuid"],
+            )
+
+    async def _cbt_start(self, source: Row, new_uuid: str) -> None:
+        """A clone of a tracked version is tracked from it on, with an empty log."""
+        if not source["cbt_enabled"]:
+            return
+        new = await self._get_any(new_uuid)
+        await files.in_thread(cbt.create, await self._log(new), new["virtual_size"])
+        await self.db.execute(
+            "UPDATE vdis SET cbt_enabled = 1, cbt_prev = ?, cbt_complete = 1 WHERE uuid = ?",
+            source["uuid"],
+            new_uuid,
+        )
+
+    async def _cbt_successors(self, row: Row) -> list[Row]:
+        """The versions whose epoch follows the one of `row`, which is going away: its log
+        is merged into theirs first (a crash after this leaves extra bits, never fewer)."""
+        successors = await self.db.fetchall("SELECT * FROM vdis WHERE cbt_prev = ?", row["uuid"])
+        log = await self._log(row)
+        bitmap = await files.in_thread(cbt.load, log, row["virtual_size"])
+        for successor in successors:
+            self.check_not_written(successor)  # its import holds its log open
+            if bitmap is not None:
+                await files.in_thread(
+                    cbt.merge_into, await self._log(successor), bitmap, successor["virtual_size"]
+                )
+        await files.in_thread(cbt.remove, log)
+        return successors
+
+    async def changed_blocks(self, to: Row, base: Row) -> bytes:
+        """The bitmap of the 64 KiB blocks that differ between two versions of one disk, in
+        either order; 409 VDI_NO_CBT_METADATA unless tracking covered all between them."""
+        epochs = await self._epochs_between(to, base)
+        if epochs is None:
+            epochs = await self._epochs_between(base, to)
+        if epochs is None:
+            raise ApiError(
+                "VDI_NO_CBT_METADATA",
+                f"VDIs {base['uuid']} and {to['uuid']} are not versions of one disk tracked "
+                "with changed block tracking",
+                base["uuid"],
+                to["uuid"],
+                status=409,
+            )
+        size = cbt.size_of(to["virtual_size"])
+        bitmaps = []
+        for epoch in epochs:
+            bitmap = await files.in_thread(cbt.load, await self._log(epoch), epoch["virtual_size"])
+            if not epoch["cbt_complete"] or bitmap is None:
+                raise ApiError(
+                    "VDI_NO_CBT_METADATA",
+                    f"changed block tracking was not on all the time between {base['uuid']} "
+                    f"and {to['uuid']} (version {epoch['uuid']})",
+                    base["uuid"],
+                    to["uuid"],
+                    status=409,
+                )
+            bitmaps.append(bitmap)
+        return cbt.union(bitmaps, size)
+
+    async def _epochs_between(self, newer: Row, older: Row) -> list[Row] | None:
+        """The versions from `newer` back to (not including) `older`, following cbt_prev;
+        None if `older` is not on that way."""
+        epochs: list[Row] = []
+        current: Row | None = newer
+        seen: set[str] = set()
+        while current is not None and current["uuid"] not in seen:
+            if current["uuid"] == older["uuid"]:
+                return epochs
+            seen.add(current["uuid"])
+            epochs.append(current)
+            prev = current["cbt_prev"]
+            current = (
+                await self.db.fetchone("SELECT * FROM vdis WHERE uuid = ?", prev) if prev else None
+            )
+        return None
+
     async def rename(self, vdi_uuid: str, name_label: str) -> None:
         if len(name_label) > MAX_NAME:
             raise bad_request(f"name_label must be at most {MAX_NAME} characters")
@@ -132,12 +274,20 @@ class VdiService:
         it only disappears from view; the file goes with the last VDI that needs it."""
         row = await self.get(ident)
         await self.ensure_free(row)
+        successors = await self._cbt_successors(row)
         removed: list[Row] = []
         async with self.db.transaction() as tx:
             await self._hold_row(tx, row["uuid"])
             if await self._readers(tx, row["uuid"]):  # an export began since ensure_free
                 raise _being_exported(row["uuid"])
             await self.events.record("vdi", row["uuid"], "del", ref=row["ref"], db=tx)
+            for successor in successors:  # they take over this version's epoch
+                await tx.execute(
+                    "UPDATE vdis SET cbt_prev = ?, cbt_complete = ? WHERE uuid = ?",
+                    row["cbt_prev"],
+                    int(bool(successor["cbt_complete"] and row["cbt_complete"])),
+                    successor["uuid"],
+                )
             current: Row | None = row
             while current is not None:
                 if await tx.fetchone(
@@ -220,13 +370,19 @@ class VdiService:
                 snapshot_of=row["uuid"] if snapshot else None,
                 now=now,
             )
+            if snapshot:
+                await self._cbt_freeze(row, new_uuid)
+            elif row["read_only"]:
+                await self._cbt_start(row, new_uuid)
             return await self._get_any(new_uuid)
         task = f"snapshot-{new_uuid}"
         if not row["read_only"]:
             await self.lock(row["uuid"], task)  # no writer may slip in while files move
         try:
             if row["read_only"]:  # a snapshot: only a clone can be asked of it
-                return await self._child_of(row, new_uuid, label, directory, now)
+                child = await self._child_of(row, new_uuid, label, directory, now)
+                await self._cbt_start(row, new_uuid)
+                return await self._get_any(child["uuid"])
             # The current file becomes the frozen layer (the snapshot, or a hidden base
             # for a clone); the VDI continues in a new child of it.
             frozen_uuid = new_uuid if snapshot else new_uuid_str()
@@ -252,10 +408,13 @@ class VdiService:
                     frozen_uuid,
                     row["uuid"],
                 )
+            await self._cbt_freeze(row, frozen_uuid)
             if snapshot:
                 return await self._get_any(frozen_uuid)
             frozen = await self._get_any(frozen_uuid)
-            return await self._child_of(frozen, new_uuid, label, directory, now)
+            await self._child_of(frozen, new_uuid, label, directory, now)
+            await self._cbt_start(frozen, new_uuid)
+            return await self._get_any(new_uuid)
         finally:
             if not row["read_only"]:
                 await self.unlock(row["uuid"], task)
@@ -481,5 +640,6 @@ class VdiService:
             "snapshot_of": row["snapshot_of"],
             "parent": row["parent"],
             "backing_chain": await self.backing_chain(row),
+            "cbt_enabled": bool(row["cbt_enabled"]),
             "created": iso(row["created"]),
         }

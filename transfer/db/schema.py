@@ -152,6 +152,16 @@ MIGRATIONS: list[tuple[int, list[Statement]]] = [
             "ALTER TABLE hosts ADD COLUMN ref TEXT",
         ],
     ),
+    (
+        7,
+        [
+            # Changed block tracking (transfer/cbt.py): tracking on for this (writable) VDI;
+            # the version whose epoch precedes this one's; this epoch's log is complete.
+            "ALTER TABLE vdis ADD COLUMN cbt_enabled INTEGER NOT NULL DEFAULT 0",
+            "ALTER TABLE vdis ADD COLUMN cbt_prev TEXT",
+            "ALTER TABLE vdis ADD COLUMN cbt_complete INTEGER NOT NULL DEFAULT 0",
+        ],
+    ),
 ]
 
 

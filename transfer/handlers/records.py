@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 
 from aiohttp import web
 
 from auth.middleware import PRINCIPAL, accepts_ticket, requires
+from common.errors import bad_request
 from common.logfields import LOG_FIELDS
-from transfer import pool
+from transfer import cbt, pool
 from transfer.handlers.common import field, json_response, read_json
 from transfer.services import services
 from transfer.sizes import parse_size
@@ -97,6 +99,38 @@ async def _served_vdi(request: web.Request, operation: str) -> str:
     request[LOG_FIELDS]["vdi"] = vdi["uuid"]
     await pool.route(request, operation, vdi["uuid"], await vdis.owner(vdi))
     return vdi["uuid"]
+
+
+@requires("operator")
+@accepts_ticket("update")
+async def update_vdi(request: web.Request) -> web.Response:
+    """PATCH /vdis/{uuid} JSON {"cbt_enabled": bool}: turn changed block tracking on or off
+    (off discards the VDI's change log); the record."""
+    svc = services(request)
+    ident = await _served_vdi(request, "update")
+    body = await read_json(request)
+    unknown = set(body) - {"cbt_enabled"}
+    if unknown:
+        raise bad_request(f"only cbt_enabled can be changed, not {', '.join(sorted(unknown))}")
+    row = await svc.vdis.set_cbt(ident, field(body, "cbt_enabled", bool, required=True))
+    return json_response(await svc.vdis.to_json(row))
+
+
+@requires("reader")
+@accepts_ticket("changed_blocks")
+async def changed_blocks(request: web.Request) -> web.Response:
+    """GET /vdis/{to}/changed_blocks?base={from}: the 64 KiB blocks that differ between
+    two versions of a disk, as XAPI's VDI.list_changed_blocks encodes them."""
+    svc = services(request)
+    ident = await _served_vdi(request, "changed_blocks")
+    base_ident = request.query.get("base")
+    if not base_ident:
+        raise bad_request("give base= (the other version of the disk)")
+    to, base = await svc.vdis.get(ident), await svc.vdis.get(base_ident)
+    bitmap = await svc.vdis.changed_blocks(to, base)
+    return json_response(
+        {"block_size": cbt.BLOCK, "bitmap": base64.b64encode(bitmap).decode("ascii")}
+    )
 
 
 @requires("operator")
