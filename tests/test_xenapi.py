@@ -407,3 +407,30 @@ def test_xmlrpc_wire_form(shared_server):
             xmlrpc.client.loads(body)
     status, _, _ = post(base + "/RPC2", b"<" * (2 * MiB), "text/xml")
     assert status == 413
+
+
+def test_changed_block_tracking_through_the_rpc(xen, shared_server):
+    """VDI.enable_cbt, list_changed_blocks between two snapshots (a base64 bitmap, XAPI's
+    encoding) and disable_cbt, as a CBT-based backup tool calls them."""
+    import base64
+
+    from tests.rawclient import frame
+
+    x = xen.xenapi
+    vdi = new_vdi(xen, 4 * MiB, **{"image-format": "qcow2"})
+    x.VDI.enable_cbt(vdi)
+    assert x.VDI.get_cbt_enabled(vdi) is True
+    before = x.VDI.snapshot(vdi, {})
+    body = frame(3 * (64 << 10), os.urandom(512)) + bytes(12)
+    status, _, _ = http(
+        f"{shared_server.url}/import_raw_vdi?session_id={xen._session}&vdi={vdi}&chunked=true",
+        "PUT",
+        body,
+    )
+    assert status == 200
+    after = x.VDI.snapshot(vdi, {})
+    bitmap = base64.b64decode(x.VDI.list_changed_blocks(before, after))
+    assert len(bitmap) == 8 and bitmap[0] == 0b00010000 and not any(bitmap[1:])
+    x.VDI.disable_cbt(vdi)
+    assert x.VDI.get_cbt_enabled(vdi) is False
+    assert failure(x.VDI.list_changed_blocks, before, vdi)[0] == "VDI_NO_CBT_METADATA"

@@ -5,6 +5,7 @@ services the HTTP API uses, so both see and change the same records.
 
 from __future__ import annotations
 
+import base64
 from typing import Any
 
 from transfer.db import Row
@@ -229,6 +230,30 @@ async def vdi_set_name_label(ctx: Context, vdi: Any, value: Any) -> str:
     row = await row_of(ctx, "VDI", vdi)
     await ctx.svc.vdis.rename(row["uuid"], text(value, "value"))
     return ""
+
+
+@xapi("VDI.enable_cbt", "operator")
+async def vdi_enable_cbt(ctx: Context, vdi: Any) -> str:
+    """Turn changed block tracking on for the VDI."""
+    row = await _vdi_here(ctx, vdi)
+    await ctx.svc.vdis.set_cbt(row["uuid"], True)
+    return ""
+
+
+@xapi("VDI.disable_cbt", "operator")
+async def vdi_disable_cbt(ctx: Context, vdi: Any) -> str:
+    """Turn changed block tracking off; the VDI's change log is discarded."""
+    row = await _vdi_here(ctx, vdi)
+    await ctx.svc.vdis.set_cbt(row["uuid"], False)
+    return ""
+
+
+@xapi("VDI.list_changed_blocks")
+async def vdi_list_changed_blocks(ctx: Context, vdi_from: Any, vdi_to: Any) -> str:
+    """The 64 KiB blocks that differ between two versions of a disk: a base64 bitmap."""
+    base = await _vdi_here(ctx, vdi_from)
+    to = await _vdi_here(ctx, vdi_to)
+    return base64.b64encode(await ctx.svc.vdis.changed_blocks(to, base)).decode("ascii")
 
 
 # -- tasks ---------------------------------------------------------------------------------

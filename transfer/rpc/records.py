@@ -179,7 +179,7 @@ class RecordView:
             "metadata_of_pool": NULL_REF,
             "metadata_latest": False,
             "is_tools_iso": False,
-            "cbt_enabled": False,
+            "cbt_enabled": bool(row["cbt_enabled"]),
             "allowed_operations": [] if busy else _vdi_operations(row),
             "current_operations": {row["locked_by"]: "update"} if busy else {},
         }
