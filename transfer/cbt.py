@@ -88,6 +88,21 @@ def merge_into(path: Path, other: bytearray, virtual_size: int) -> None:
         os.fsync(f.fileno())
 
 
+def spans(bitmap: bytes, virtual_size: int) -> list[tuple[int, int]]:
+    """The (offset, length) byte ranges of the blocks set, consecutive blocks merged."""
+    out: list[tuple[int, int]] = []
+    for block in blocks_set(bitmap):
+        start = block * BLOCK
+        if start >= virtual_size:
+            break
+        end = min(start + BLOCK, virtual_size)
+        if out and out[-1][0] + out[-1][1] == start:
+            out[-1] = (out[-1][0], end - out[-1][0])
+        else:
+            out.append((start, end - start))
+    return out
+
+
 def blocks_set(bitmap: bytes) -> list[int]:
     """The numbers of the blocks set, in order (for tests and logs)."""
     value = int.from_bytes(bitmap, "big")

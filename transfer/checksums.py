@@ -77,6 +77,7 @@ async def checksum(svc: Services, vdi_uuid: str, algorithm: str, block_size: int
     try:
         vdi = await svc.vdis.get(vdi_uuid)
         svc.vdis.check_not_written(vdi)
+        svc.vdis.check_has_data(vdi)
         files = await svc.vdis.chain_files(vdi)
         chain = await in_thread(functools.partial(layers.open_chain, files, writable=False))
         try:

@@ -4,7 +4,8 @@ must carry, as (start, length, kind) with kind DATA or ZERO (what the VDI reads 
 VHD/QCOW2 VDIs answer from their chains, without reading data: the layers above the base
 (or, when base and VDI sit on different branches, above their common ancestor on both
 sides) say which ranges may differ. Raw VDIs have no chain: they are compared block by
-block, which reads both disks' data extents (O(allocated size)).
+block, which reads both disks' data extents (O(allocated size)). A base whose data was
+destroyed has only its change log: the blocks changed block tracking lists are sent.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from common.errors import bad_request
 from formats.chain import Chain, coalesce, union_spans
 from formats.driver import DATA, ZERO
 from formats.registry import FORMATS
-from transfer import layers
+from transfer import cbt, layers
 from transfer.db import Row
 from transfer.files import in_thread
 from transfer.services import Services
@@ -33,8 +34,11 @@ async def changed_runs(
             f"{vdi['virtual_size']}: not versions of one disk"
         )
     vdi_rows = await svc.vdis.chain_rows(vdi)
-    base_rows = await svc.vdis.chain_rows(base)
     vdi_files = [(await svc.vdis.path(r), r["image_format"]) for r in vdi_rows]
+    if base["data_destroyed"]:  # only its change log is left: the blocks it lists
+        bitmap = await svc.vdis.changed_blocks(vdi, base)
+        return await in_thread(_over, vdi_files, cbt.spans(bitmap, vdi["virtual_size"]), chain)
+    base_rows = await svc.vdis.chain_rows(base)
     base_files = [(await svc.vdis.path(r), r["image_format"]) for r in base_rows]
     if not (FORMATS[vdi["image_format"]].layered and FORMATS[base["image_format"]].layered):
         return await in_thread(_compare, vdi_files, base_files, chain)
@@ -49,6 +53,18 @@ async def changed_runs(
     return await in_thread(
         _from_chains, vdi_files, vdi_ids.index(common), base_files, base_ids.index(common)
     )
+
+
+def _over(
+    vdi_files: list[tuple[Path, str]], spans: list[tuple[int, int]], opened: Chain | None
+) -> list[tuple[int, int, str]]:
+    """What the VDI reads over `spans` (the blocks change tracking lists)."""
+    vdi_chain = opened or layers.open_chain(vdi_files, writable=False)
+    try:
+        return vdi_chain.reads_over(spans)
+    finally:
+        if opened is None:
+            layers.close_chain(vdi_chain)
 
 
 def _from_chains(

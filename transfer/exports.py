@@ -226,6 +226,7 @@ async def _plan(
     sent = wire(fmt, chunked)
     vdi = await svc.vdis.get(vdi_ident)
     svc.vdis.check_not_written(vdi)
+    svc.vdis.check_has_data(vdi)
     base = await svc.vdis.get(base_ident) if base_ident else None
     files = await svc.vdis.chain_files(vdi)
     chain = await in_thread(functools.partial(layers.open_chain, files, writable=False))
@@ -256,6 +257,7 @@ def _lay(vdi: Row, sent: Format, lay, runs: list, *base: Identity) -> OutputLayo
 async def extents(svc: Services, vdi: Row, base: Row | None) -> list[tuple[int, int, bool]]:
     """(start, length, zero) runs covering the whole disk (data and holes); with a base,
     only the runs that differ from it."""
+    svc.vdis.check_has_data(vdi)
     if base is not None:
         changed = await deltas.changed_runs(svc, vdi, base)
         return [(start, n, kind != DATA) for start, n, kind in changed]

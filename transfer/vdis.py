@@ -262,6 +262,55 @@ class VdiService:
             )
         return None
 
+    @staticmethod
+    def check_has_data(row: Row) -> None:
+        """VDI_INCOMPATIBLE_TYPE for a snapshot whose data was destroyed: it has a record
+        and a change log, and nothing to read."""
+        if row["data_destroyed"]:
+            raise ApiError(
+                "VDI_INCOMPATIBLE_TYPE",
+                f"VDI {row['uuid']} is cbt_metadata: its data was destroyed; it serves only as "
+                "base= of incremental exports and changed_blocks",
+                row["uuid"],
+                "cbt_metadata",
+                status=409,
+            )
+
+    async def data_destroy(self, ident: str) -> Row:
+        """Release a tracked snapshot's data, keep its record and change log (type
+        cbt_metadata). A raw snapshot's file goes at once; a VHD/QCOW2 snapshot's file is
+        a layer the VDI still reads through, and stays until the layers are coalesced."""
+        row = await self.get(ident)
+        if not row["is_a_snapshot"]:
+            raise ApiError(
+                "VDI_INCOMPATIBLE_TYPE",
+                f"VDI {row['uuid']} is not a snapshot: only a snapshot's data can be destroyed",
+                row["uuid"],
+                "user",
+                status=409,
+            )
+        if not row["cbt_enabled"]:
+            raise ApiError(
+                "VDI_NO_CBT_METADATA",
+                f"snapshot {row['uuid']} was not taken with changed block tracking on: "
+                "without its data it would be of no use",
+                row["uuid"],
+                status=409,
+            )
+        if row["data_destroyed"]:
+            return row
+        await self.ensure_free(row)
+        readers = await self.db.fetchone("SELECT 1 FROM vdis WHERE parent = ? LIMIT 1", row["uuid"])
+        async with self.db.transaction() as tx:
+            await self._hold_row(tx, row["uuid"])
+            if await self._readers(tx, row["uuid"]):
+                raise _being_exported(row["uuid"])
+            await tx.execute("UPDATE vdis SET data_destroyed = 1 WHERE uuid = ?", row["uuid"])
+            await self.events.record("vdi", row["uuid"], db=tx)
+        if readers is None:  # no layer above: the file is nobody's
+            await files.in_thread(files.remove, await self.path(row))
+        return await self.get(row["uuid"])
+
     async def rename(self, vdi_uuid: str, name_label: str) -> None:
         if len(name_label) > MAX_NAME:
             raise bad_request(f"name_label must be at most {MAX_NAME} characters")
@@ -350,6 +399,7 @@ class VdiService:
         return await self._derive(row, name_label, snapshot=False)
 
     async def _derive(self, row: Row, name_label: str | None, snapshot: bool) -> Row:
+        self.check_has_data(row)
         sr = await self.srs.get(row["sr"])
         directory = Path(sr["path"])
         new_uuid = new_uuid_str()
@@ -641,5 +691,6 @@ class VdiService:
             "parent": row["parent"],
             "backing_chain": await self.backing_chain(row),
             "cbt_enabled": bool(row["cbt_enabled"]),
+            "type": "cbt_metadata" if row["data_destroyed"] else "user",
             "created": iso(row["created"]),
         }

@@ -162,6 +162,14 @@ MIGRATIONS: list[tuple[int, list[Statement]]] = [
             "ALTER TABLE vdis ADD COLUMN cbt_complete INTEGER NOT NULL DEFAULT 0",
         ],
     ),
+    (
+        8,
+        [
+            # VDI.data_destroy: the snapshot's data is gone, its record and change log stay
+            # (type cbt_metadata), as a base for incremental exports and changed blocks.
+            "ALTER TABLE vdis ADD COLUMN data_destroyed INTEGER NOT NULL DEFAULT 0",
+        ],
+    ),
 ]
 
 

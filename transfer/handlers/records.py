@@ -116,6 +116,16 @@ async def update_vdi(request: web.Request) -> web.Response:
     return json_response(await svc.vdis.to_json(row))
 
 
+@requires("operator")
+@accepts_ticket("data_destroy")
+async def data_destroy_vdi(request: web.Request) -> web.Response:
+    """POST /vdis/{snapshot}/data_destroy: release a tracked snapshot's data; its record
+    stays (type cbt_metadata) as a base for incremental exports and changed blocks."""
+    svc = services(request)
+    ident = await _served_vdi(request, "data_destroy")
+    return json_response(await svc.vdis.to_json(await svc.vdis.data_destroy(ident)))
+
+
 @requires("reader")
 @accepts_ticket("changed_blocks")
 async def changed_blocks(request: web.Request) -> web.Response:

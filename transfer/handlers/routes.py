@@ -34,6 +34,7 @@ ROUTES = [
     ("GET", "/vdis/{uuid}/changed_blocks", records.changed_blocks),
     ("POST", "/vdis/{uuid}/snapshot", records.snapshot_vdi),
     ("POST", "/vdis/{uuid}/clone", records.clone_vdi),
+    ("POST", "/vdis/{uuid}/data_destroy", records.data_destroy_vdi),
     ("GET", "/vdis/{uuid}/extents", transfers.extents),
     ("GET", "/vdis/{uuid}/checksum", transfers.checksum),
     ("GET", "/tasks", records.list_tasks),

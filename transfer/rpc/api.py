@@ -248,6 +248,14 @@ async def vdi_disable_cbt(ctx: Context, vdi: Any) -> str:
     return ""
 
 
+@xapi("VDI.data_destroy", "operator")
+async def vdi_data_destroy(ctx: Context, vdi: Any) -> str:
+    """Release a tracked snapshot's data; its record stays, of type cbt_metadata."""
+    row = await _vdi_here(ctx, vdi)
+    await ctx.svc.vdis.data_destroy(row["uuid"])
+    return ""
+
+
 @xapi("VDI.list_changed_blocks")
 async def vdi_list_changed_blocks(ctx: Context, vdi_from: Any, vdi_to: Any) -> str:
     """The 64 KiB blocks that differ between two versions of a disk: a base64 bitmap."""

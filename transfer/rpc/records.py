@@ -158,7 +158,7 @@ class RecordView:
             "crash_dumps": [],
             "virtual_size": row["virtual_size"],
             "physical_utilisation": await vdis.usage(row),
-            "type": "user",
+            "type": "cbt_metadata" if row["data_destroyed"] else "user",
             "sharable": False,
             "read_only": bool(row["read_only"]),
             "managed": True,
