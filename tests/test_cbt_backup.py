@@ -11,6 +11,7 @@ import hashlib
 import os
 import random
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -117,3 +118,16 @@ def test_nightly_cbt_backup(shared_server, tmp_path, runtime, fmt):
         data_destroy(url, snap)
         assert api(f"{url}/vdis/{prev}", "DELETE")[0] == 204
         prev = snap
+
+    # The offline check still agrees with every layer, and with the cbt_metadata snapshot.
+    for vdi_uuid in (v, prev):
+        checked = subprocess.run(
+            [
+                sys.executable, "-m", "transfer", "vdi", "verify", vdi_uuid,
+                "--state-dir", str(shared_server.state_dir),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )  # fmt: skip
+        assert checked.returncode == 0, checked.stdout + checked.stderr

@@ -20,6 +20,14 @@ def check_chain(rows: list[Row], files: list[tuple[Path, str]]) -> list[str]:
     problems: list[str] = []
     for i, (row, (path, fmt)) in enumerate(zip(rows, files, strict=True)):
         name = f"layer {i} (VDI {row['uuid']}, {path.name})"
+        if row.get("data_destroyed") and row.get("cbt_enabled"):
+            # cbt_metadata: what must be there is its change log (until it is deleted and
+            # hidden: then its log lives on merged into the next version's); its data may be
+            # gone.
+            if not row.get("hidden") and not (path.parent / f"{row['uuid']}.cbt").exists():
+                problems.append(f"{name}: cbt_metadata, but its change log is missing")
+            if not path.exists():
+                continue
         if not path.exists():
             problems.append(f"{name}: the file is missing")
             continue
