@@ -67,6 +67,9 @@ class Format:
     create: MakeImage | None = None  # a new empty image file, a child layer of `parent`
     layered: bool = False  # snapshots and clones are new child layers (else file copies)
     parent_mismatch: ParentMismatch | None = None  # how a file names its parent, checked
+    # The disk uuid a file carries, which child layers name it by (None: named by file name);
+    # a file that replaces a layer must carry the same.
+    disk_uuid: Callable[[Path], uuid.UUID | None] = lambda path: None
     # -- export --------------------------------------------------------------------------
     content_type: str | None = None
     layout: Lay | None = None  # the whole disk in this format
@@ -236,6 +239,7 @@ VHD = Format(
     create=_create_vhd,
     layered=True,
     parent_mismatch=_vhd_parent_mismatch,
+    disk_uuid=lambda path: uuid.UUID(bytes=read_disk_uuid(path)),
     content_type="application/vhd",
     layout=_vhd_layout,
     delta_layout=_vhd_delta,

@@ -24,6 +24,8 @@ from auth.sessions import (
 from auth.users import UserStore
 from common.logfields import LOG_FIELDS, event
 from transfer import __version__, checkpoints, files, reserve
+from transfer.coalesce import INTERVAL as COALESCE_INTERVAL
+from transfer.coalesce import Coalescer
 from transfer.config import Config
 from transfer.db import open_database
 from transfer.events import EventLog
@@ -160,6 +162,8 @@ def create_app(config: Config) -> web.Application:
             event(log, "state.reserve_missing", logging.WARNING, state_dir=str(config.state_dir))
         await _bootstrap_admin(svc)
         recovered = await svc.tasks.recover_after_restart()
+        coalescer = Coalescer(svc)
+        await coalescer.recover()
         await svc.vdis.drop_readers_of_this_host()
 
         async def collect_garbage() -> None:
@@ -184,6 +188,7 @@ def create_app(config: Config) -> web.Application:
             ),
             asyncio.create_task(_every(config.task_gc_interval, "task gc", housekeeping)),
             asyncio.create_task(_every(CANCEL_POLL, "transfer watch", svc.tasks.watch)),
+            asyncio.create_task(_every(COALESCE_INTERVAL, "coalesce", coalescer.run_once)),
         ]
         event(
             log,

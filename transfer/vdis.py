@@ -24,6 +24,7 @@ MAX_NAME = 255
 MAX_VIRTUAL_SIZE = 2**63 - 2**20  # what an off_t holds; the filesystem may allow less
 READER_GRACE = 5.0  # seconds a writer waits for exports that are finishing
 READER_POLL = 0.02  # how often it looks again
+CHAIN_ATTEMPTS = 5  # walks of a chain that coalescing changes meanwhile, before giving up
 
 
 def _being_exported(vdi_uuid: str) -> ApiError:
@@ -214,6 +215,58 @@ class VdiService:
         await files.in_thread(cbt.remove, log)
         return successors
 
+    async def unlink_merged(self, layer: Row, child: Row) -> None:
+        """Coalescing merged `layer` into its only `child`, whose file now holds both: the
+        child reads straight from the layer's parent, and the layer leaves the chain. A
+        hidden layer's record goes (its change log joins the next versions'); a cbt_metadata
+        snapshot's record stays, with no data and no parent. Idempotent (a restart may
+        finish a switch that a crash interrupted)."""
+        successors = []
+        if layer["hidden"]:
+            successors = await self.db.fetchall(
+                "SELECT * FROM vdis WHERE cbt_prev = ?", layer["uuid"]
+            )
+            log = await self._log(layer)
+            bitmap = await files.in_thread(cbt.load, log, layer["virtual_size"])
+            for successor in successors:
+                if bitmap is not None:
+                    await files.in_thread(
+                        cbt.merge_into,
+                        await self._log(successor),
+                        bitmap,
+                        successor["virtual_size"],
+                    )
+            await files.in_thread(cbt.remove, log)
+        async with self.db.transaction() as tx:
+            current = await self._hold_row(tx, layer["uuid"])
+            moved = await tx.execute(
+                "UPDATE vdis SET parent = ? WHERE uuid = ? AND parent = ?",
+                current["parent"],
+                child["uuid"],
+                layer["uuid"],
+            )
+            if not moved:
+                raise ApiError(
+                    "INTERNAL_ERROR",
+                    f"VDI {child['uuid']} no longer reads through {layer['uuid']}",
+                )
+            for successor in successors:
+                await tx.execute(
+                    "UPDATE vdis SET cbt_prev = ?, cbt_complete = ? WHERE uuid = ?",
+                    layer["cbt_prev"],
+                    int(bool(successor["cbt_complete"] and layer["cbt_complete"])),
+                    successor["uuid"],
+                )
+            if layer["hidden"]:
+                await tx.execute("DELETE FROM vdis WHERE uuid = ?", layer["uuid"])
+            else:
+                await tx.execute(
+                    "UPDATE vdis SET parent = NULL, merging_into = NULL WHERE uuid = ?",
+                    layer["uuid"],
+                )
+                await self.events.record("vdi", layer["uuid"], db=tx)
+            await self.events.record("vdi", child["uuid"], db=tx)
+
     async def changed_blocks(self, to: Row, base: Row) -> bytes:
         """The bitmap of the 64 KiB blocks that differ between two versions of one disk, in
         either order; 409 VDI_NO_CBT_METADATA unless tracking covered all between them."""
@@ -366,18 +419,28 @@ class VdiService:
         return row
 
     async def chain_rows(self, row: Row) -> list[Row]:
-        """The VDI and the layers under it, top first, from the database."""
-        rows, seen = [row], {row["uuid"]}
-        while rows[-1]["parent"]:
-            parent = await self.db.fetchone("SELECT * FROM vdis WHERE uuid = ?", rows[-1]["parent"])
-            if parent is None or parent["uuid"] in seen:
-                raise ApiError(
-                    "INTERNAL_ERROR",
-                    f"the backing chain of VDI {row['uuid']} is broken at {rows[-1]['uuid']}",
+        """The VDI and the layers under it, top first, from the database. Coalescing may
+        take a layer out between two reads: then the walk starts again from the top."""
+        for _attempt in range(CHAIN_ATTEMPTS):
+            rows, seen = [row], {row["uuid"]}
+            while rows[-1]["parent"]:
+                parent = await self.db.fetchone(
+                    "SELECT * FROM vdis WHERE uuid = ?", rows[-1]["parent"]
                 )
-            rows.append(parent)
-            seen.add(parent["uuid"])
-        return rows
+                if parent is None or parent["uuid"] in seen:
+                    break
+                rows.append(parent)
+                seen.add(parent["uuid"])
+            else:
+                return rows
+            fresh = await self.db.fetchone("SELECT * FROM vdis WHERE uuid = ?", row["uuid"])
+            if fresh is None:
+                raise ApiError("VDI_NOT_FOUND", f"no VDI {row['uuid']}", row["uuid"])
+            row = fresh
+        raise ApiError(
+            "INTERNAL_ERROR",
+            f"the backing chain of VDI {row['uuid']} is broken at {rows[-1]['uuid']}",
+        )
 
     async def chain_files(self, row: Row) -> list[tuple[Path, str]]:
         return [(await self.path(r), r["image_format"]) for r in await self.chain_rows(row)]

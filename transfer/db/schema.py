@@ -170,6 +170,14 @@ MIGRATIONS: list[tuple[int, list[Statement]]] = [
             "ALTER TABLE vdis ADD COLUMN data_destroyed INTEGER NOT NULL DEFAULT 0",
         ],
     ),
+    (
+        9,
+        [
+            # Coalescing (transfer/coalesce.py): set on a layer while its merge with its only
+            # child is switching files, so a restart finishes or undoes the switch.
+            "ALTER TABLE vdis ADD COLUMN merging_into TEXT",
+        ],
+    ),
 ]
 
 

@@ -1,0 +1,257 @@
+"""Coalescing: a layer no VDI needs any more is merged away, in the background, online.
+
+A layer is unneeded when its snapshot was deleted (it stays hidden, as other VDIs read
+through it) or its data destroyed (cbt_metadata), and it has one child layer left. When
+that child is immutable (a snapshot, or a hidden base), the two are merged into a new file
+that replaces the child's:
+
+1. a new image, `<child file>.merge`, carrying the child's identity (child layers name it by
+   its disk uuid or its file name) with the layer's parent as its own, receives everything
+   the child and the layer hold (what the child says first), and is made durable;
+2. the layer's row is marked `merging_into` the child (the journal);
+3. the new file is renamed over the child's (atomic): from here on the child's file holds
+   both, and still reads through the layer's file to the same parent where neither held
+   anything, so readers see the same bytes before and after;
+4. the database makes the child read from the layer's parent directly and lets the layer
+   go (its record, if hidden; its parent link, if a cbt_metadata snapshot);
+5. the layer's file is removed a little later (readers that opened it keep it open).
+
+A crash before 3 leaves a `.merge` file, removed at the next start; a crash between 3 and 4
+is finished at the next start (`merging_into` is set and the `.merge` file is gone). The
+space the layer held under data its child replaced comes back. Exports, imports and
+snapshots go on meanwhile: no file they have open changes under them, only the child's name
+moves to a new file with the same content. Each merge runs under a task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from pathlib import Path
+
+from common.errors import ApiError
+from common.logfields import event
+from formats.driver import DATA
+from formats.registry import FORMATS, Identity
+from transfer import files, layers
+from transfer.db import Row
+from transfer.services import Services
+
+log = logging.getLogger("vdi_transfer.coalesce")
+
+INTERVAL = 2.0  # seconds between looks for layers to merge
+GRACE = 30.0  # seconds a merged-away file stays for readers that may be opening it
+PIECE = 4 << 20  # bytes read and written at a time
+
+
+async def candidates(svc: Services) -> list[tuple[Row, Row]]:
+    """(layer, child) pairs to merge now, on SRs this host serves."""
+    rows = await svc.db.fetchall(
+        "SELECT * FROM vdis WHERE (hidden = 1 OR data_destroyed = 1) AND locked_by IS NULL "
+        "AND merging_into IS NULL"
+    )
+    pairs = []
+    for layer in rows:
+        if not FORMATS[layer["image_format"]].layered:
+            continue
+        children = await svc.db.fetchall("SELECT * FROM vdis WHERE parent = ?", layer["uuid"])
+        if len(children) != 1:
+            continue
+        child = children[0]
+        if not child["read_only"] or child["locked_by"] or child["merging_into"]:
+            continue  # a writable child changes under us: wait for its next snapshot
+        sr = await svc.srs.get(layer["sr"])
+        if sr["shared"] or svc.srs.owner(sr) is not None:
+            continue  # the host of a local SR merges its layers (shared SRs: not yet)
+        pairs.append((layer, child))
+    return pairs
+
+
+def build_merged(
+    child: Path,
+    layer: Path,
+    fmt: str,
+    size: int,
+    identity: Identity,
+    parent: Path | None,
+    target: Path,
+) -> int:
+    """Blocking: write `target`, a layer over `parent` holding what `child` over `layer`
+    reads wherever either says anything; returns the data bytes copied."""
+    pair = layers.open_chain([(child, fmt), (layer, fmt)], writable=False)
+    try:
+        layers.create_image(target, fmt, size, identity, parent)
+        merged = FORMATS[fmt].driver.open(target, writable=True)
+        copied = 0
+        try:
+            for start, length, kind in pair.reads_over(pair.touched(2)):
+                pos, end = start, start + length
+                while pos < end:
+                    n = min(PIECE, end - pos)
+                    if kind == DATA:
+                        merged.write(pos, pair.read(pos, n))
+                        copied += n
+                    else:
+                        merged.zero(pos, n)
+                    pos += n
+            merged.flush()
+        finally:
+            merged.close()
+        files.fsync_dir(target.parent)
+        return copied
+    except BaseException:
+        target.unlink(missing_ok=True)
+        raise
+    finally:
+        layers.close_chain(pair)
+
+
+def _switch(merged: Path, child: Path) -> None:
+    merged.replace(child)
+    files.fsync_dir(child.parent)
+
+
+def _merge_file(child_path: Path) -> Path:
+    return child_path.with_name(child_path.name + ".merge")
+
+
+class Coalescer:
+    """Merges unneeded layers, one at a time, on this host."""
+
+    def __init__(self, svc: Services):
+        self.svc = svc
+        self._leftovers: list[tuple[float, Path]] = []  # (when, file) to remove
+
+    async def run_once(self) -> int:
+        """Merge what can be merged now, one pair at a time, each with the rows as they are
+        after the merge before it; returns how many merges were tried."""
+        self._sweep()
+        tried: set[tuple[str, str]] = set()
+        while True:
+            fresh = [
+                (layer, child)
+                for layer, child in await candidates(self.svc)
+                if (layer["uuid"], child["uuid"]) not in tried
+            ]
+            if not fresh:
+                return len(tried)
+            layer, child = fresh[0]
+            tried.add((layer["uuid"], child["uuid"]))
+            await self.merge(layer, child)
+
+    async def merge(self, layer: Row, child: Row) -> None:
+        svc = self.svc
+        vdis = svc.vdis
+        fmt = child["image_format"]
+        child_path, layer_path = await vdis.path(child), await vdis.path(layer)
+        parent = await svc.db.fetchone("SELECT * FROM vdis WHERE uuid = ?", layer["parent"])
+        parent_path = await vdis.path(parent) if parent else None
+        disk = await files.in_thread(FORMATS[fmt].disk_uuid, child_path)
+        identity = Identity(disk or uuid.UUID(child["uuid"]), float(child["created"]))
+        target = _merge_file(child_path)
+        task = await svc.tasks.create(
+            f"coalesce {layer['uuid']} into {child['uuid']}", None, child["uuid"], running=True
+        )
+        started = time.monotonic()
+        try:
+            copied = await files.in_thread(
+                build_merged,
+                child_path,
+                layer_path,
+                fmt,
+                child["virtual_size"],
+                identity,
+                parent_path,
+                target,
+            )
+        except BaseException as exc:
+            await asyncio.shield(files.in_thread(target.unlink, True))
+            await svc.db.execute(
+                "UPDATE vdis SET merging_into = NULL WHERE uuid = ?", layer["uuid"]
+            )
+            if isinstance(exc, ApiError):
+                info = exc.error_info
+            elif isinstance(exc, asyncio.CancelledError):
+                info = ["INTERNAL_ERROR", "server shutting down: the merge will start again"]
+            else:
+                info = ["INTERNAL_ERROR", str(exc) or repr(exc)]
+            await svc.tasks.settle(task["uuid"], info)
+            if isinstance(exc, Exception):
+                log.exception("coalescing failed", extra={"fields": {"vdi": child["uuid"]}})
+                return
+            raise
+        # The journal, the switch and the database: not interrupted by a cancel (shutdown);
+        # a crash in between is finished at the next start (see `recover`).
+        await asyncio.shield(self._switch_and_finish(layer, child, target, child_path, layer_path))
+        await svc.tasks.settle(task["uuid"], result=None)
+        event(
+            log,
+            "vdi.coalesced",
+            layer=layer["uuid"],
+            child=child["uuid"],
+            task=task["uuid"],
+            bytes=copied,
+            duration=time.monotonic() - started,
+        )
+
+    async def _switch_and_finish(
+        self, layer: Row, child: Row, target: Path, child_path: Path, layer_path: Path
+    ) -> None:
+        await self.svc.db.execute(
+            "UPDATE vdis SET merging_into = ? WHERE uuid = ?", child["uuid"], layer["uuid"]
+        )
+        await files.in_thread(_switch, target, child_path)
+        await self._finish(layer, child, layer_path)
+
+    async def _finish(self, layer: Row, child: Row, layer_path: Path) -> None:
+        await self.svc.vdis.unlink_merged(layer, child)
+        await self.svc.db.execute(
+            "UPDATE vdis SET merging_into = NULL WHERE uuid = ?", layer["uuid"]
+        )
+        self._leftovers.append((time.monotonic() + GRACE, layer_path))
+
+    def _sweep(self, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        keep = []
+        for when, path in self._leftovers:
+            if when <= now:
+                files.remove(path)
+            else:
+                keep.append((when, path))
+        self._leftovers = keep
+
+    async def recover(self) -> int:
+        """At start: finish the switches a crash interrupted after the rename, undo those
+        it interrupted before; remove the layer files they left (no reader is left)."""
+        rows = await self.svc.db.fetchall("SELECT * FROM vdis WHERE merging_into IS NOT NULL")
+        for layer in rows:
+            child = await self.svc.db.fetchone(
+                "SELECT * FROM vdis WHERE uuid = ?", layer["merging_into"]
+            )
+            layer_path = await self.svc.vdis.path(layer)
+            merged = _merge_file(await self.svc.vdis.path(child)) if child else None
+            if child is None or (merged is not None and await files.in_thread(merged.exists)):
+                if merged is not None:
+                    await files.in_thread(files.remove, merged)
+                await self.svc.db.execute(
+                    "UPDATE vdis SET merging_into = NULL WHERE uuid = ?", layer["uuid"]
+                )
+                continue
+            await self._finish(layer, child, layer_path)
+            event(log, "vdi.coalesce_finished", layer=layer["uuid"], child=child["uuid"])
+        # `.merge` files of merges that had not reached the journal.
+        for sr in await self.svc.srs.list():
+            if self.svc.srs.owner(sr) is None:
+                for leftover in await files.in_thread(_merge_files, Path(sr["path"])):
+                    await files.in_thread(files.remove, leftover)
+        self._sweep(now=float("inf"))
+        return len(rows)
+
+
+def _merge_files(directory: Path) -> list[Path]:
+    try:
+        return list(directory.glob("*.merge"))
+    except OSError:
+        return []
