@@ -44,6 +44,7 @@ log = logging.getLogger("vdi_transfer.coalesce")
 INTERVAL = 2.0  # seconds between looks for layers to merge
 GRACE = 30.0  # seconds a merged-away file stays for readers that may be opening it
 PIECE = 4 << 20  # bytes read and written at a time
+PROGRESS_INTERVAL = 1.0  # seconds between writes of a merge's progress to its task
 
 
 async def candidates(svc: Services) -> list[tuple[Row, Row]]:
@@ -77,16 +78,20 @@ def build_merged(
     identity: Identity,
     parent: Path | None,
     target: Path,
+    progress: list[float] | None = None,
 ) -> int:
     """Blocking: write `target`, a layer over `parent` holding what `child` over `layer`
-    reads wherever either says anything; returns the data bytes copied."""
+    reads wherever either says anything; returns the data bytes copied. `progress[0]`
+    follows the fraction done, for the merge's task."""
     pair = layers.open_chain([(child, fmt), (layer, fmt)], writable=False)
     try:
         layers.create_image(target, fmt, size, identity, parent)
         merged = FORMATS[fmt].driver.open(target, writable=True)
-        copied = 0
+        copied, done = 0, 0
+        runs = pair.reads_over(pair.touched(2))
+        total = sum(n for _, n, _ in runs) or 1
         try:
-            for start, length, kind in pair.reads_over(pair.touched(2)):
+            for start, length, kind in runs:
                 pos, end = start, start + length
                 while pos < end:
                     n = min(PIECE, end - pos)
@@ -96,6 +101,9 @@ def build_merged(
                     else:
                         merged.zero(pos, n)
                     pos += n
+                    done += n
+                    if progress is not None:
+                        progress[0] = done / total
             merged.flush()
         finally:
             merged.close()
@@ -155,6 +163,8 @@ class Coalescer:
             f"coalesce {layer['uuid']} into {child['uuid']}", None, child["uuid"], running=True
         )
         started = time.monotonic()
+        progress = [0.0]
+        reporter = asyncio.create_task(self._report(task["uuid"], progress))
         try:
             copied = await files.in_thread(
                 build_merged,
@@ -165,6 +175,7 @@ class Coalescer:
                 identity,
                 parent_path,
                 target,
+                progress,
             )
         except BaseException as exc:
             await asyncio.shield(files.in_thread(target.unlink, True))
@@ -182,6 +193,8 @@ class Coalescer:
                 log.exception("coalescing failed", extra={"fields": {"vdi": child["uuid"]}})
                 return
             raise
+        finally:
+            reporter.cancel()
         # The journal, the switch and the database: not interrupted by a cancel (shutdown);
         # a crash in between is finished at the next start (see `recover`).
         await asyncio.shield(self._switch_and_finish(layer, child, target, child_path, layer_path))
@@ -195,6 +208,15 @@ class Coalescer:
             bytes=copied,
             duration=time.monotonic() - started,
         )
+
+    async def _report(self, task_uuid: str, progress: list[float]) -> None:
+        """The merge's progress on its task, every PROGRESS_INTERVAL while it copies."""
+        written = 0.0
+        while True:
+            await asyncio.sleep(PROGRESS_INTERVAL)
+            if progress[0] != written:
+                written = progress[0]
+                await self.svc.tasks.set_progress(task_uuid, written)
 
     async def _switch_and_finish(
         self, layer: Row, child: Row, target: Path, child_path: Path, layer_path: Path

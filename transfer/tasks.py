@@ -383,6 +383,17 @@ class TaskManager:
     async def fail(self, transfer: Transfer, error_info: list[str]) -> None:
         await self._end(transfer, "failure", error_info)
 
+    async def set_progress(self, task_uuid: str, progress: float) -> None:
+        """Progress of work that runs under a task without a transfer (a merge)."""
+        async with self.db.transaction() as tx:
+            changed = await tx.execute(
+                "UPDATE tasks SET progress = ? WHERE uuid = ? AND status = 'pending'",
+                max(0.0, min(1.0, progress)),
+                task_uuid,
+            )
+            if changed:
+                await self.events.record("task", task_uuid, db=tx)
+
     async def settle(
         self, task_uuid: str, error_info: list[str] | None = None, result: str | None = None
     ) -> bool:
