@@ -197,7 +197,13 @@ class Coalescer:
             reporter.cancel()
         # The journal, the switch and the database: not interrupted by a cancel (shutdown);
         # a crash in between is finished at the next start (see `recover`).
-        await asyncio.shield(self._switch_and_finish(layer, child, target, child_path, layer_path))
+        switched = await asyncio.shield(
+            self._switch_and_finish(layer, child, target, child_path, layer_path)
+        )
+        if not switched:
+            gone = ["VDI_NOT_FOUND", "the layers were deleted during the merge"]
+            await svc.tasks.settle(task["uuid"], gone)
+            return
         await svc.tasks.settle(task["uuid"], result=None)
         event(
             log,
@@ -220,12 +226,23 @@ class Coalescer:
 
     async def _switch_and_finish(
         self, layer: Row, child: Row, target: Path, child_path: Path, layer_path: Path
-    ) -> None:
-        await self.svc.db.execute(
-            "UPDATE vdis SET merging_into = ? WHERE uuid = ?", child["uuid"], layer["uuid"]
+    ) -> bool:
+        # Both still there, still stacked (a DELETE may have taken them meanwhile)? Then the
+        # journal, in the same statement.
+        journaled = await self.svc.db.execute(
+            "UPDATE vdis SET merging_into = ? WHERE uuid = ? AND EXISTS "
+            "(SELECT 1 FROM vdis WHERE uuid = ? AND parent = ?)",
+            child["uuid"],
+            layer["uuid"],
+            child["uuid"],
+            layer["uuid"],
         )
+        if not journaled:
+            await files.in_thread(files.remove, target)
+            return False
         await files.in_thread(_switch, target, child_path)
         await self._finish(layer, child, layer_path)
+        return True
 
     async def _finish(self, layer: Row, child: Row, layer_path: Path) -> None:
         await self.svc.vdis.unlink_merged(layer, child)
