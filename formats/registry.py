@@ -27,7 +27,7 @@ from formats.raw import RawDecoder
 from formats.raw_image import RawImage
 from formats.spill import Spill
 from formats.vhd import VhdDecoder, vhd_layout, vhd_timestamp
-from formats.vhd_image import VhdImage, read_disk_uuid
+from formats.vhd_image import VhdImage, read_disk_uuid, set_disk_uuid
 from formats.xapi_tar import XapiTarDecoder, xapi_tar_layout
 
 Extents = list[tuple[int, int]]  # (offset, length) runs of the disk
@@ -70,6 +70,8 @@ class Format:
     # The disk uuid a file carries, which child layers name it by (None: named by file name);
     # a file that replaces a layer must carry the same.
     disk_uuid: Callable[[Path], uuid.UUID | None] = lambda path: None
+    # Give a closed file another disk uuid (None: the format has none to give).
+    set_disk_uuid: Callable[[Path, uuid.UUID], None] | None = None
     # -- export --------------------------------------------------------------------------
     content_type: str | None = None
     layout: Lay | None = None  # the whole disk in this format
@@ -240,6 +242,7 @@ VHD = Format(
     layered=True,
     parent_mismatch=_vhd_parent_mismatch,
     disk_uuid=lambda path: uuid.UUID(bytes=read_disk_uuid(path)),
+    set_disk_uuid=lambda path, disk: set_disk_uuid(path, disk.bytes),
     content_type="application/vhd",
     layout=_vhd_layout,
     delta_layout=_vhd_delta,

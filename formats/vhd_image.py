@@ -60,6 +60,7 @@ from formats.vhd import (
     DISK_DYNAMIC,
     DISK_TYPE_NAMES,
     FOOTER,
+    FOOTER_CHECKSUM_AT,
     FOOTER_COOKIE,
     FOOTER_SIZE,
     HEADER_SIZE,
@@ -80,6 +81,7 @@ from formats.vhd import (
     parse_dynamic_header,
     parse_footer,
     round_up,
+    vhd_checksum,
 )
 
 DATA_ALIGN = 4096  # where block data starts in the file (blocks of ALIGN_MIN_BLOCK or more)
@@ -197,6 +199,30 @@ def read_disk_uuid(path: str | os.PathLike) -> bytes:
     finally:
         os.close(fd)
     return parse_footer(raw, f"{os.fspath(path)}: the footer copy").uuid
+
+
+_FOOTER_UUID_AT = 68  # the disk uuid's 16 bytes in a footer (after disk type and checksum)
+
+
+def set_disk_uuid(path: str | os.PathLike, disk_uuid: bytes) -> None:
+    """Give a closed dynamic or differencing VHD another disk uuid (the one its child layers
+    name it by), in the footer copy at offset 0 and the footer at the end, then sync. Done
+    again after a crash between the two writes, it completes them (the file does not open
+    while they differ)."""
+    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        size = os.fstat(fd).st_size
+        footer = bytearray(_pread_exact(fd, FOOTER_SIZE, 0, "the footer copy"))
+        parse_footer(bytes(footer), f"{os.fspath(path)}: the footer copy")
+        footer[_FOOTER_UUID_AT : _FOOTER_UUID_AT + 16] = disk_uuid
+        footer[FOOTER_CHECKSUM_AT : FOOTER_CHECKSUM_AT + 4] = vhd_checksum(
+            footer, FOOTER_CHECKSUM_AT
+        ).to_bytes(4, "big")
+        _pwritev_all(fd, [bytes(footer)], 0)
+        _pwritev_all(fd, [bytes(footer)], size - FOOTER_SIZE)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class VhdImage:

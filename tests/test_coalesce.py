@@ -160,3 +160,25 @@ def test_sigkill_during_merges_changes_no_byte(tmp_path, fmt):
     finally:
         if server.proc and server.proc.poll() is None:
             server.stop()
+
+
+@pytest.mark.parametrize("fmt", ["vhd", "qcow2"])
+def test_a_small_layer_under_a_big_one(server, tmp_path, fmt):
+    """The layer is smaller than its child: both go into a new file that replaces the
+    child's (the other way of merging); the VDI and the snapshot read as before."""
+    url = server.url
+    _, vdi = api(f"{url}/vdis", "POST", {"virtual_size": 64 * MiB, "image_format": fmt})
+    v = vdi["uuid"]
+    write(url, v, tmp_path, [(0, os.urandom(MiB))])
+    small = api(f"{url}/vdis/{v}/snapshot", "POST", {})[1]["uuid"]
+    write(url, v, tmp_path, [(8 * MiB, os.urandom(24 * MiB))])
+    big = api(f"{url}/vdis/{v}/snapshot", "POST", {})[1]["uuid"]
+    before = {u: export_to(url, u, tmp_path / f"{u}.raw").read_bytes() for u in (v, big)}
+    assert api(f"{url}/vdis/{small}", "DELETE")[0] == 204
+    assert len(settle(url, v, 2)) == 2
+    for u, data in before.items():
+        assert export_to(url, u, tmp_path / "after.raw").read_bytes() == data, u
+    server.stop()
+    for u in before:
+        verify(server.state_dir, u)
+    assert "in_place=false" in server.logs()

@@ -2,8 +2,16 @@
 
 A layer is unneeded when its snapshot was deleted (it stays hidden, as other VDIs read
 through it) or its data destroyed (cbt_metadata), and it has one child layer left. When
-that child is immutable (a snapshot, or a hidden base), the two are merged into a new file
-that replaces the child's:
+that child is immutable (a snapshot, or a hidden base), the two are merged. The smaller
+of the two (in data) is copied:
+
+- Usually the child (a night's changes over the rest of the disk): its runs are written
+  into the layer's own file, in place. Nobody reads the layer but through the child, which
+  hides exactly what this changes. Then the journal (`merging_into` = "in-place:<child>"),
+  the child's disk uuid given to the layer's file (VHD children name their parent by it),
+  and an atomic rename of the layer's file over the child's; then the database. A crash
+  after the journal is finished at the next start, whatever step it cut.
+- Otherwise both go into a new file:
 
 1. a new image, `<child file>.merge`, carrying the child's identity (child layers name it by
    its disk uuid or its file name) with the layer's parent as its own, receives everything
@@ -33,7 +41,7 @@ from pathlib import Path
 
 from common.errors import ApiError
 from common.logfields import event
-from formats.driver import DATA
+from formats.driver import DATA, PARENT
 from formats.registry import FORMATS, Identity
 from transfer import files, layers
 from transfer.db import Row
@@ -44,6 +52,7 @@ log = logging.getLogger("vdi_transfer.coalesce")
 INTERVAL = 2.0  # seconds between looks for layers to merge
 GRACE = 30.0  # seconds a merged-away file stays for readers that may be opening it
 PIECE = 4 << 20  # bytes read and written at a time
+IN_PLACE = "in-place:"  # the journal's mark of a merge into the layer's own file
 PROGRESS_INTERVAL = 1.0  # seconds between writes of a merge's progress to its task
 
 
@@ -116,6 +125,56 @@ def build_merged(
         layers.close_chain(pair)
 
 
+def own_bytes(path: Path, fmt: str) -> int:
+    """Blocking: the data bytes a layer holds (what copying it costs)."""
+    image = FORMATS[fmt].driver.open(path, writable=False)
+    try:
+        return sum(n for _, n, kind in image.extents() if kind == DATA)
+    finally:
+        image.close()
+
+
+def absorb(child: Path, layer: Path, fmt: str, progress: list[float] | None = None) -> int:
+    """Blocking: write what the child layer holds into the layer under it, in place. The
+    layer is read only through the child, which hides exactly what this changes, so its
+    readers see the same bytes. Returns the data bytes copied."""
+    top = FORMATS[fmt].driver.open(child, writable=False)
+    try:
+        runs = [(s, n, kind) for s, n, kind in top.extents() if kind != PARENT]
+        below = FORMATS[fmt].driver.open(layer, writable=True)
+        copied, done, total = 0, 0, sum(n for _, n, _ in runs) or 1
+        try:
+            for start, length, kind in runs:
+                pos, end = start, start + length
+                while pos < end:
+                    n = min(PIECE, end - pos)
+                    if kind == DATA:
+                        below.write(pos, top.read(pos, n))
+                        copied += n
+                    else:
+                        below.zero(pos, n)
+                    pos += n
+                    done += n
+                    if progress is not None:
+                        progress[0] = done / total
+            below.flush()
+        finally:
+            below.close()
+        return copied
+    finally:
+        top.close()
+
+
+def _take_over(layer: Path, child: Path, fmt: str, disk: uuid.UUID | None) -> None:
+    """The layer's file, holding both, becomes the child's: the child's disk uuid (which
+    its own children name), then its name, atomically. Redone whole after a crash."""
+    setter = FORMATS[fmt].set_disk_uuid
+    if disk is not None and setter is not None:
+        setter(layer, disk)
+    layer.replace(child)
+    files.fsync_dir(child.parent)
+
+
 def _switch(merged: Path, child: Path) -> None:
     merged.replace(child)
     files.fsync_dir(child.parent)
@@ -165,18 +224,26 @@ class Coalescer:
         started = time.monotonic()
         progress = [0.0]
         reporter = asyncio.create_task(self._report(task["uuid"], progress))
+        # The smaller of the two is copied: the child into the layer, in place (the usual
+        # case: a night's changes over the rest of the disk), or else both into a new file.
+        in_place = await files.in_thread(own_bytes, child_path, fmt) <= await files.in_thread(
+            own_bytes, layer_path, fmt
+        )
         try:
-            copied = await files.in_thread(
-                build_merged,
-                child_path,
-                layer_path,
-                fmt,
-                child["virtual_size"],
-                identity,
-                parent_path,
-                target,
-                progress,
-            )
+            if in_place:
+                copied = await files.in_thread(absorb, child_path, layer_path, fmt, progress)
+            else:
+                copied = await files.in_thread(
+                    build_merged,
+                    child_path,
+                    layer_path,
+                    fmt,
+                    child["virtual_size"],
+                    identity,
+                    parent_path,
+                    target,
+                    progress,
+                )
         except BaseException as exc:
             await asyncio.shield(files.in_thread(target.unlink, True))
             await svc.db.execute(
@@ -197,9 +264,14 @@ class Coalescer:
             reporter.cancel()
         # The journal, the switch and the database: not interrupted by a cancel (shutdown);
         # a crash in between is finished at the next start (see `recover`).
-        switched = await asyncio.shield(
-            self._switch_and_finish(layer, child, target, child_path, layer_path)
-        )
+        if in_place:
+            switched = await asyncio.shield(
+                self._take_over_and_finish(layer, child, layer_path, child_path, disk)
+            )
+        else:
+            switched = await asyncio.shield(
+                self._switch_and_finish(layer, child, target, child_path, layer_path)
+            )
         if not switched:
             gone = ["VDI_NOT_FOUND", "the layers were deleted during the merge"]
             await svc.tasks.settle(task["uuid"], gone)
@@ -212,6 +284,7 @@ class Coalescer:
             child=child["uuid"],
             task=task["uuid"],
             bytes=copied,
+            in_place=in_place,
             duration=time.monotonic() - started,
         )
 
@@ -224,20 +297,36 @@ class Coalescer:
                 written = progress[0]
                 await self.svc.tasks.set_progress(task_uuid, written)
 
+    async def _journal(self, layer: Row, child: Row, mark: str) -> bool:
+        """Both rows still there and still stacked (a DELETE may have taken them meanwhile)?
+        Then the journal says what is being switched, in the same statement."""
+        return bool(
+            await self.svc.db.execute(
+                "UPDATE vdis SET merging_into = ? WHERE uuid = ? AND EXISTS "
+                "(SELECT 1 FROM vdis WHERE uuid = ? AND parent = ?)",
+                mark,
+                layer["uuid"],
+                child["uuid"],
+                layer["uuid"],
+            )
+        )
+
+    async def _take_over_and_finish(
+        self, layer: Row, child: Row, layer_path: Path, child_path: Path, disk: uuid.UUID | None
+    ) -> bool:
+        if not await self._journal(layer, child, IN_PLACE + child["uuid"]):
+            return False  # the layer holds a copy of what the child hid: harmless
+        await files.in_thread(_take_over, layer_path, child_path, child["image_format"], disk)
+        await self.svc.vdis.unlink_merged(layer, child)
+        await self.svc.db.execute(
+            "UPDATE vdis SET merging_into = NULL WHERE uuid = ?", layer["uuid"]
+        )
+        return True
+
     async def _switch_and_finish(
         self, layer: Row, child: Row, target: Path, child_path: Path, layer_path: Path
     ) -> bool:
-        # Both still there, still stacked (a DELETE may have taken them meanwhile)? Then the
-        # journal, in the same statement.
-        journaled = await self.svc.db.execute(
-            "UPDATE vdis SET merging_into = ? WHERE uuid = ? AND EXISTS "
-            "(SELECT 1 FROM vdis WHERE uuid = ? AND parent = ?)",
-            child["uuid"],
-            layer["uuid"],
-            child["uuid"],
-            layer["uuid"],
-        )
-        if not journaled:
+        if not await self._journal(layer, child, child["uuid"]):
             await files.in_thread(files.remove, target)
             return False
         await files.in_thread(_switch, target, child_path)
@@ -266,10 +355,25 @@ class Coalescer:
         it interrupted before; remove the layer files they left (no reader is left)."""
         rows = await self.svc.db.fetchall("SELECT * FROM vdis WHERE merging_into IS NOT NULL")
         for layer in rows:
+            mark = layer["merging_into"]
+            in_place = mark.startswith(IN_PLACE)
             child = await self.svc.db.fetchone(
-                "SELECT * FROM vdis WHERE uuid = ?", layer["merging_into"]
+                "SELECT * FROM vdis WHERE uuid = ?", mark.removeprefix(IN_PLACE)
             )
             layer_path = await self.svc.vdis.path(layer)
+            if in_place and child is not None:
+                # The layer holds both already: take its file over if not done, then finish.
+                child_path = await self.svc.vdis.path(child)
+                if await files.in_thread(layer_path.exists):
+                    fmt = child["image_format"]
+                    disk = await files.in_thread(FORMATS[fmt].disk_uuid, child_path)
+                    await files.in_thread(_take_over, layer_path, child_path, fmt, disk)
+                await self.svc.vdis.unlink_merged(layer, child)
+                await self.svc.db.execute(
+                    "UPDATE vdis SET merging_into = NULL WHERE uuid = ?", layer["uuid"]
+                )
+                event(log, "vdi.coalesce_finished", layer=layer["uuid"], child=child["uuid"])
+                continue
             merged = _merge_file(await self.svc.vdis.path(child)) if child else None
             if child is None or (merged is not None and await files.in_thread(merged.exists)):
                 if merged is not None:
