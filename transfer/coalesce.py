@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 import uuid
 from pathlib import Path
@@ -167,11 +168,16 @@ def absorb(child: Path, layer: Path, fmt: str, progress: list[float] | None = No
 
 def _take_over(layer: Path, child: Path, fmt: str, disk: uuid.UUID | None) -> None:
     """The layer's file, holding both, becomes the child's: the child's disk uuid (which
-    its own children name), then its name, atomically. Redone whole after a crash."""
+    its own children name), then its name, atomically, by a second link renamed over the
+    child's. The layer's own name stays a while for readers that found it in the database
+    just before (the file says the same under both names). Redone whole after a crash."""
     setter = FORMATS[fmt].set_disk_uuid
     if disk is not None and setter is not None:
         setter(layer, disk)
-    layer.replace(child)
+    link = child.with_name(child.name + ".link")
+    link.unlink(missing_ok=True)
+    os.link(layer, link)
+    link.replace(child)
     files.fsync_dir(child.parent)
 
 
@@ -321,6 +327,7 @@ class Coalescer:
         await self.svc.db.execute(
             "UPDATE vdis SET merging_into = NULL WHERE uuid = ?", layer["uuid"]
         )
+        self._leftovers.append((time.monotonic() + GRACE, layer_path))
         return True
 
     async def _switch_and_finish(
@@ -368,6 +375,7 @@ class Coalescer:
                     fmt = child["image_format"]
                     disk = await files.in_thread(FORMATS[fmt].disk_uuid, child_path)
                     await files.in_thread(_take_over, layer_path, child_path, fmt, disk)
+                    self._leftovers.append((0.0, layer_path))
                 await self.svc.vdis.unlink_merged(layer, child)
                 await self.svc.db.execute(
                     "UPDATE vdis SET merging_into = NULL WHERE uuid = ?", layer["uuid"]
@@ -384,7 +392,7 @@ class Coalescer:
                 continue
             await self._finish(layer, child, layer_path)
             event(log, "vdi.coalesce_finished", layer=layer["uuid"], child=child["uuid"])
-        # `.merge` files of merges that had not reached the journal.
+        # `.merge` files of merges that had not reached the journal, `.link`s cut short.
         for sr in await self.svc.srs.list():
             if self.svc.srs.owner(sr) is None:
                 for leftover in await files.in_thread(_merge_files, Path(sr["path"])):
@@ -395,6 +403,6 @@ class Coalescer:
 
 def _merge_files(directory: Path) -> list[Path]:
     try:
-        return list(directory.glob("*.merge"))
+        return [*directory.glob("*.merge"), *directory.glob("*.link")]
     except OSError:
         return []
