@@ -9,8 +9,9 @@ of the two (in data) is copied:
   into the layer's own file, in place. Nobody reads the layer but through the child, which
   hides exactly what this changes. Then the journal (`merging_into` = "in-place:<child>"),
   the child's disk uuid given to the layer's file (VHD children name their parent by it),
-  and an atomic rename of the layer's file over the child's; then the database. A crash
-  after the journal is finished at the next start, whatever step it cut.
+  and a second link to it renamed over the child's name (atomic); then the database; the
+  layer's own name goes after a grace period. A crash after the journal is finished at the
+  next start, whatever step it cut.
 - Otherwise both go into a new file:
 
 1. a new image, `<child file>.merge`, carrying the child's identity (child layers name it by
