@@ -1,9 +1,12 @@
 """Coalescing: a layer no VDI needs any more is merged away, in the background, online.
 
 A layer is unneeded when its snapshot was deleted (it stays hidden, as other VDIs read
-through it) or its data destroyed (cbt_metadata), and it has one child layer left. When
-that child is immutable (a snapshot, or a hidden base), the two are merged. The smaller
-of the two (in data) is copied:
+through it) or its data destroyed (cbt_metadata), and it has one child layer left: a
+snapshot, a hidden base, or the live VDI itself. A live VDI is held for the merge (no
+writer starts), but the hold gives way: an import, snapshot or delete of the VDI stops the
+merge at once (a partial copy into the layer is harmless, as below) and goes ahead; the
+merge starts again later. Exports share the hold. The smaller of the two (in data) is
+copied:
 
 - Usually the child (a night's changes over the rest of the disk): its runs are written
   into the layer's own file, in place. Nobody reads the layer but through the child, which
@@ -37,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -58,6 +62,24 @@ IN_PLACE = "in-place:"  # the journal's mark of a merge into the layer's own fil
 PROGRESS_INTERVAL = 1.0  # seconds between writes of a merge's progress to its task
 
 
+class GaveWay(Exception):
+    """A client of the live VDI being merged stopped the copy."""
+
+
+class Progress:
+    """What a copy in a worker thread shares with the event loop: how far it is (for the
+    task) and whether to stop (a client wants the VDI)."""
+
+    def __init__(self) -> None:
+        self.fraction = 0.0
+        self.stop = threading.Event()
+
+    def advance(self, fraction: float) -> None:
+        if self.stop.is_set():
+            raise GaveWay
+        self.fraction = fraction
+
+
 async def candidates(svc: Services) -> list[tuple[Row, Row]]:
     """(layer, child) pairs to merge now, on SRs this host serves."""
     rows = await svc.db.fetchall(
@@ -72,8 +94,8 @@ async def candidates(svc: Services) -> list[tuple[Row, Row]]:
         if len(children) != 1:
             continue
         child = children[0]
-        if not child["read_only"] or child["locked_by"] or child["merging_into"]:
-            continue  # a writable child changes under us: wait for its next snapshot
+        if child["locked_by"] or child["merging_into"]:
+            continue  # a client writes it: after that
         sr = await svc.srs.get(layer["sr"])
         if sr["shared"] or svc.srs.owner(sr) is not None:
             continue  # the host of a local SR merges its layers (shared SRs: not yet)
@@ -89,11 +111,11 @@ def build_merged(
     identity: Identity,
     parent: Path | None,
     target: Path,
-    progress: list[float] | None = None,
+    progress: Progress | None = None,
 ) -> int:
     """Blocking: write `target`, a layer over `parent` holding what `child` over `layer`
-    reads wherever either says anything; returns the data bytes copied. `progress[0]`
-    follows the fraction done, for the merge's task."""
+    reads wherever either says anything; returns the data bytes copied. `progress`
+    follows the fraction done, and stops it."""
     pair = layers.open_chain([(child, fmt), (layer, fmt)], writable=False)
     try:
         layers.create_image(target, fmt, size, identity, parent)
@@ -114,7 +136,7 @@ def build_merged(
                     pos += n
                     done += n
                     if progress is not None:
-                        progress[0] = done / total
+                        progress.advance(done / total)
             merged.flush()
         finally:
             merged.close()
@@ -136,7 +158,7 @@ def own_bytes(path: Path, fmt: str) -> int:
         image.close()
 
 
-def absorb(child: Path, layer: Path, fmt: str, progress: list[float] | None = None) -> int:
+def absorb(child: Path, layer: Path, fmt: str, progress: Progress | None = None) -> int:
     """Blocking: write what the child layer holds into the layer under it, in place. The
     layer is read only through the child, which hides exactly what this changes, so its
     readers see the same bytes. Returns the data bytes copied."""
@@ -158,7 +180,7 @@ def absorb(child: Path, layer: Path, fmt: str, progress: list[float] | None = No
                     pos += n
                     done += n
                     if progress is not None:
-                        progress[0] = done / total
+                        progress.advance(done / total)
             below.flush()
         finally:
             below.close()
@@ -217,6 +239,30 @@ class Coalescer:
 
     async def merge(self, layer: Row, child: Row) -> None:
         svc = self.svc
+        task = await svc.tasks.create(
+            f"coalesce {layer['uuid']} into {child['uuid']}", None, child["uuid"], running=True
+        )
+        progress = Progress()
+        live = not child["read_only"]
+        released = asyncio.Event()
+
+        async def give_way() -> None:
+            progress.stop.set()
+            await released.wait()
+
+        if live and not await svc.vdis.hold_for_merge(child["uuid"], task["uuid"], give_way):
+            busy = ["VDI_IN_USE", f"VDI {child['uuid']} is in use: merged later", child["uuid"]]
+            await svc.tasks.settle(task["uuid"], busy, cancelled=True)
+            return
+        try:
+            await self._merge(layer, child, task, progress)
+        finally:
+            if live:
+                await asyncio.shield(svc.vdis.release_merge(child["uuid"], task["uuid"]))
+                released.set()
+
+    async def _merge(self, layer: Row, child: Row, task: Row, progress: Progress) -> None:
+        svc = self.svc
         vdis = svc.vdis
         fmt = child["image_format"]
         child_path, layer_path = await vdis.path(child), await vdis.path(layer)
@@ -225,18 +271,15 @@ class Coalescer:
         disk = await files.in_thread(FORMATS[fmt].disk_uuid, child_path)
         identity = Identity(disk or uuid.UUID(child["uuid"]), float(child["created"]))
         target = _merge_file(child_path)
-        task = await svc.tasks.create(
-            f"coalesce {layer['uuid']} into {child['uuid']}", None, child["uuid"], running=True
-        )
         started = time.monotonic()
-        progress = [0.0]
         reporter = asyncio.create_task(self._report(task["uuid"], progress))
-        # The smaller of the two is copied: the child into the layer, in place (the usual
-        # case: a night's changes over the rest of the disk), or else both into a new file.
-        in_place = await files.in_thread(own_bytes, child_path, fmt) <= await files.in_thread(
-            own_bytes, layer_path, fmt
-        )
         try:
+            # The smaller of the two is copied: the child into the layer, in place (the
+            # usual case: a night's changes over the rest of the disk), or else both into a
+            # new file.
+            in_place = await files.in_thread(own_bytes, child_path, fmt) <= await files.in_thread(
+                own_bytes, layer_path, fmt
+            )
             if in_place:
                 copied = await files.in_thread(absorb, child_path, layer_path, fmt, progress)
             else:
@@ -256,6 +299,11 @@ class Coalescer:
             await svc.db.execute(
                 "UPDATE vdis SET merging_into = NULL WHERE uuid = ?", layer["uuid"]
             )
+            if isinstance(exc, GaveWay):
+                why = ["CANCELLED", f"gave way to a client of VDI {child['uuid']}: merged later"]
+                await svc.tasks.settle(task["uuid"], why, cancelled=True)
+                event(log, "vdi.coalesce_gave_way", layer=layer["uuid"], child=child["uuid"])
+                return
             if isinstance(exc, ApiError):
                 info = exc.error_info
             elif isinstance(exc, asyncio.CancelledError):
@@ -269,8 +317,9 @@ class Coalescer:
             raise
         finally:
             reporter.cancel()
-        # The journal, the switch and the database: not interrupted by a cancel (shutdown);
-        # a crash in between is finished at the next start (see `recover`).
+        # The journal, the switch and the database: not interrupted by a cancel (shutdown)
+        # nor by a client (it waits: this is short); a crash in between is finished at the
+        # next start (see `recover`).
         if in_place:
             switched = await asyncio.shield(
                 self._take_over_and_finish(layer, child, layer_path, child_path, disk)
@@ -295,13 +344,13 @@ class Coalescer:
             duration=time.monotonic() - started,
         )
 
-    async def _report(self, task_uuid: str, progress: list[float]) -> None:
+    async def _report(self, task_uuid: str, progress: Progress) -> None:
         """The merge's progress on its task, every PROGRESS_INTERVAL while it copies."""
         written = 0.0
         while True:
             await asyncio.sleep(PROGRESS_INTERVAL)
-            if progress[0] != written:
-                written = progress[0]
+            if progress.fraction != written:
+                written = progress.fraction
                 await self.svc.tasks.set_progress(task_uuid, written)
 
     async def _journal(self, layer: Row, child: Row, mark: str) -> bool:

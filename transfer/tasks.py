@@ -395,11 +395,17 @@ class TaskManager:
                 await self.events.record("task", task_uuid, db=tx)
 
     async def settle(
-        self, task_uuid: str, error_info: list[str] | None = None, result: str | None = None
+        self,
+        task_uuid: str,
+        error_info: list[str] | None = None,
+        result: str | None = None,
+        *,
+        cancelled: bool = False,
     ) -> bool:
-        """End a task no transfer runs under (XenAPI's Async calls): success with `result`,
-        or failure with `error_info`; False if it had ended already (cancelled)."""
-        status = "failure" if error_info else "success"
+        """End a task no transfer runs under (XenAPI's Async calls, merges): success with
+        `result`, failure with `error_info`, or cancelled (with it); False if it had ended
+        already (cancelled)."""
+        status = "cancelled" if cancelled else "failure" if error_info else "success"
         done = await self._transition(task_uuid, status, error_info or [], result=result)
         if done:
             event(log, "task.finished", task=task_uuid, status=status, error=error_info or None)

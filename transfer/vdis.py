@@ -6,6 +6,7 @@ import asyncio
 import errno
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from common.db import Executor
@@ -40,6 +41,9 @@ class VdiService:
         self.events = events  # adds and deletes a XenAPI client sees (event.from)
         self.srs = srs
         self.hosts = hosts  # a read lease counts while its host is live
+        # Locks held by background merges on this host, which give way to any client:
+        # VDI uuid -> (the merge's task, a coroutine that stops it and waits for its unlock).
+        self._yielding: dict[str, tuple[str, Callable[[], Awaitable[None]]]] = {}
 
     async def get(self, ident: str) -> Row:
         row = await self.db.fetchone(
@@ -608,10 +612,21 @@ class VdiService:
         assert row is not None
         return row
 
-    @staticmethod
-    def check_not_written(row: Row) -> None:
-        """VDI_IN_USE if a writer holds the VDI (anywhere: the lock is in the database)."""
-        if row["locked_by"]:
+    def _yields(self, row: Row) -> bool:
+        """Held by a background merge of this host, which readers may share and writers
+        stop (see `hold_for_merge`)."""
+        held = self._yielding.get(row["uuid"])
+        return held is not None and held[0] == row["locked_by"]
+
+    async def _give_way(self, vdi_uuid: str) -> None:
+        held = self._yielding.get(vdi_uuid)
+        if held is not None:
+            await held[1]()
+
+    def check_not_written(self, row: Row) -> None:
+        """VDI_IN_USE if a writer holds the VDI (anywhere: the lock is in the database). A
+        merge's lock does not count: it changes no byte the VDI reads, and gives way."""
+        if row["locked_by"] and not self._yields(row):
             raise ApiError(
                 "VDI_IN_USE",
                 f"VDI {row['uuid']} is in use by task {row['locked_by']}",
@@ -674,7 +689,11 @@ class VdiService:
         return True
 
     async def ensure_free(self, row: Row) -> None:
-        """VDI_IN_USE if a writer holds the VDI, or exports of it do not finish soon."""
+        """VDI_IN_USE if a writer holds the VDI, or exports of it do not finish soon. A
+        background merge holding it stops first."""
+        if self._yields(row):
+            await self._give_way(row["uuid"])
+            row = await self.get(row["uuid"])
         self.check_not_written(row)
         if not await self.wait_for_readers(row["uuid"]):
             raise _being_exported(row["uuid"])
@@ -687,14 +706,21 @@ class VdiService:
         deadline = time.monotonic() + READER_GRACE
         while True:
             async with self.db.transaction() as tx:
-                self.check_not_written(await self._hold_row(tx, vdi_uuid))
-                if not await self._readers(tx, vdi_uuid):
-                    await tx.execute(
-                        "UPDATE vdis SET locked_by = ?, generation = generation + 1 WHERE uuid = ?",
-                        task_uuid,
-                        vdi_uuid,
-                    )
-                    return
+                row = await self._hold_row(tx, vdi_uuid)
+                merging = self._yields(row)
+                if not merging:
+                    self.check_not_written(row)
+                    if not await self._readers(tx, vdi_uuid):
+                        await tx.execute(
+                            "UPDATE vdis SET locked_by = ?, generation = generation + 1 "
+                            "WHERE uuid = ?",
+                            task_uuid,
+                            vdi_uuid,
+                        )
+                        return
+            if merging:  # a background merge holds it: it stops, then the lock is ours
+                await self._give_way(vdi_uuid)
+                continue
             if time.monotonic() >= deadline:
                 raise _being_exported(vdi_uuid)
             await asyncio.sleep(READER_POLL)
@@ -704,6 +730,39 @@ class VdiService:
         await self.db.execute(
             "UPDATE vdis SET generation = generation + 1 WHERE uuid = ?", vdi_uuid
         )
+
+    async def hold_for_merge(
+        self, vdi_uuid: str, task_uuid: str, give_way: Callable[[], Awaitable[None]]
+    ) -> bool:
+        """Hold a writable VDI for a background merge of its layer below: no writer starts,
+        and none waits either: a writer, snapshot or delete calls `give_way` (which stops the
+        merge and returns once `release_merge` ran) and takes the VDI. Readers share it. The
+        content does not change, so neither does the generation (nor the ETags). False if a
+        client holds the VDI now."""
+        try:
+            return await self._hold_for_merge(vdi_uuid, task_uuid, give_way)
+        except BaseException:
+            if self._yielding.get(vdi_uuid, ("",))[0] == task_uuid:
+                del self._yielding[vdi_uuid]
+            raise
+
+    async def _hold_for_merge(
+        self, vdi_uuid: str, task_uuid: str, give_way: Callable[[], Awaitable[None]]
+    ) -> bool:
+        async with self.db.transaction() as tx:
+            row = await self._hold_row(tx, vdi_uuid)
+            if row["locked_by"]:
+                return False
+            await tx.execute("UPDATE vdis SET locked_by = ? WHERE uuid = ?", task_uuid, vdi_uuid)
+            self._yielding[vdi_uuid] = (task_uuid, give_way)  # before a client can see it
+        return True
+
+    async def release_merge(self, vdi_uuid: str, task_uuid: str) -> None:
+        try:
+            await self.unlock(vdi_uuid, task_uuid)
+        finally:
+            if self._yielding.get(vdi_uuid, ("",))[0] == task_uuid:
+                del self._yielding[vdi_uuid]
 
     async def unlock(self, vdi_uuid: str, task_uuid: str) -> None:
         await self.db.execute(
