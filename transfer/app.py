@@ -34,6 +34,7 @@ from transfer.handlers.routes import add_routes
 from transfer.handlers.streams import force_close_taken
 from transfer.hosts import HostService, load_or_create_host_uuid
 from transfer.logs import redact_query
+from transfer.metrics import Metrics
 from transfer.pipeline import Budget
 from transfer.services import SERVICES, Services
 from transfer.srs import SrService
@@ -45,10 +46,19 @@ access_log = logging.getLogger("vdi_transfer.access")
 
 
 class AccessLog(AbstractAccessLogger):
-    """One structured line per request, without credentials."""
+    """One structured line per request, without credentials, and the request's metrics.
+    `bytes_in` and `bytes_out` are body bytes that crossed the connection (an export sent
+    by sendfile never passes aiohttp's counters: the transfer says what it sent), and
+    `bytes` their sum."""
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
         fields = dict(request.get(LOG_FIELDS, {}))
+        bytes_in = fields.pop("bytes_in", None)
+        if bytes_in is None:
+            bytes_in = getattr(request.content, "total_bytes", 0)
+        bytes_out = fields.pop("bytes_out", None)
+        if bytes_out is None:
+            bytes_out = response.body_length
         event(
             access_log,
             "http.request",
@@ -56,11 +66,24 @@ class AccessLog(AbstractAccessLogger):
             path=request.path,
             query=redact_query(dict(request.query)) or None,
             status=response.status,
-            bytes=response.body_length,
+            bytes=bytes_in + bytes_out,
+            bytes_in=bytes_in,
+            bytes_out=bytes_out,
             duration=time,
             remote=request.remote,
             **fields,
         )
+        svc = request.app.get(SERVICES) if isinstance(request, web.Request) else None
+        if svc is not None:
+            svc.metrics.request(
+                _route(request), request.method, response.status, time, fields.get("error")
+            )
+
+
+def _route(request: web.Request) -> str:
+    """The route as declared (`/vdis/{id}`), never the path a client sent."""
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else "unmatched"
 
 
 async def _bootstrap_admin(svc: Services) -> None:
@@ -101,17 +124,23 @@ async def open_services(config: Config) -> Services:
     hosts = HostService(db, host_uuid, config.heartbeat_interval)
     srs = SrService(db, host_uuid, config.state_dir)
     events = EventLog(db)
+    tasks = TaskManager(db, host_uuid, config.task_ttl, events)
+    metrics = Metrics()
+    tasks.on_ended = metrics.task_ended
+    upload_budget = Budget(config.upload_budget)
+    metrics.watch_upload_buffer(lambda: upload_budget.used, upload_budget.limit)
     return Services(
         config=config,
         db=db,
         hosts=hosts,
         srs=srs,
         vdis=VdiService(db, srs, hosts, events),
-        tasks=TaskManager(db, host_uuid, config.task_ttl, events),
+        tasks=tasks,
         events=events,
+        metrics=metrics,
         users=user_store,
         auth=Authenticator(RevokedSessions(db), user_store, signer),
-        upload_budget=Budget(config.upload_budget),
+        upload_budget=upload_budget,
     )
 
 
@@ -182,10 +211,18 @@ def create_app(config: Config) -> web.Application:
                 await files.in_thread(checkpoints.discard, config.state_dir, task, srs)
 
         await collect_garbage()
+
+        async def heartbeat() -> None:
+            await svc.hosts.heartbeat()
+            hosts = await svc.hosts.list()
+            live = sum(1 for row in hosts if svc.hosts.is_live(row))
+            svc.metrics.hosts.labels("live").set(live)
+            svc.metrics.hosts.labels("unreachable").set(len(hosts) - live)
+
+        await heartbeat()
         loops = [
-            asyncio.create_task(
-                _every(config.heartbeat_interval, "heartbeat", svc.hosts.heartbeat)
-            ),
+            asyncio.create_task(_every(config.heartbeat_interval, "heartbeat", heartbeat)),
+            asyncio.create_task(svc.metrics.watch_loop_lag()),
             asyncio.create_task(_every(config.task_gc_interval, "task gc", housekeeping)),
             asyncio.create_task(_every(CANCEL_POLL, "transfer watch", svc.tasks.watch)),
             asyncio.create_task(_every(COALESCE_INTERVAL, "coalesce", coalescer.run_once)),

@@ -253,6 +253,7 @@ class Coalescer:
         if live and not await svc.vdis.hold_for_merge(child["uuid"], task["uuid"], give_way):
             busy = ["VDI_IN_USE", f"VDI {child['uuid']} is in use: merged later", child["uuid"]]
             await svc.tasks.settle(task["uuid"], busy, cancelled=True)
+            svc.metrics.coalesces.labels("gave_way").inc()
             return
         try:
             await self._merge(layer, child, task, progress)
@@ -302,6 +303,7 @@ class Coalescer:
             if isinstance(exc, GaveWay):
                 why = ["CANCELLED", f"gave way to a client of VDI {child['uuid']}: merged later"]
                 await svc.tasks.settle(task["uuid"], why, cancelled=True)
+                svc.metrics.coalesces.labels("gave_way").inc()
                 event(log, "vdi.coalesce_gave_way", layer=layer["uuid"], child=child["uuid"])
                 return
             if isinstance(exc, ApiError):
@@ -311,6 +313,7 @@ class Coalescer:
             else:
                 info = ["INTERNAL_ERROR", str(exc) or repr(exc)]
             await svc.tasks.settle(task["uuid"], info)
+            svc.metrics.coalesces.labels("failed").inc()
             if isinstance(exc, Exception):
                 log.exception("coalescing failed", extra={"fields": {"vdi": child["uuid"]}})
                 return
@@ -333,6 +336,7 @@ class Coalescer:
             await svc.tasks.settle(task["uuid"], gone)
             return
         await svc.tasks.settle(task["uuid"], result=None)
+        svc.metrics.coalesces.labels("merged").inc()
         event(
             log,
             "vdi.coalesced",

@@ -40,7 +40,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("vdi_transfer.export")
 
 READ_SIZE = 4 << 20  # bytes per disk read (and per piece) when the body is not sendfile'd
-SENDFILE_SLICE = 64 << 20  # bytes per worker-thread call; progress is reported between
+TICK = 0.5  # seconds between counts of bytes a sendfile thread has sent
+SENDFILE_SLICE = 64 << 20  # bytes per worker-thread call
 _ZEROS = memoryview(bytes(READ_SIZE))
 
 
@@ -73,6 +74,19 @@ class Export(Operation):
     @property
     def length(self) -> int:
         return self.layout.length
+
+    @property
+    def bytes_sent(self) -> int:
+        """Body bytes that left so far (none before `start`)."""
+        return self.transfer.bytes if self.transfer is not None else 0
+
+    def _moved(self, n: int) -> None:
+        self.svc.metrics.moved("export", self.wire.name, n)
+
+    def _count(self, sent: int, counted: int) -> int:
+        """The metrics learn of bytes sent since `counted`; returns `sent`."""
+        self._moved(sent - counted)
+        return sent
 
     @property
     def content_type(self) -> str:
@@ -128,6 +142,7 @@ class Export(Operation):
         sent = [0]  # bytes on the wire, counted by the worker thread
         total = end - start
         blocks = _blocks(self.layout, start, end)
+        counted = 0  # of them, in the metrics
         try:
             while True:
                 group, size = [], 0
@@ -142,13 +157,20 @@ class Export(Operation):
                     None, _sendfile_blocks, sock_fd, self.chain, group, stop, sent
                 )
                 try:
-                    await asyncio.shield(future)
+                    # Bytes count as they leave (metrics, the task), also while a slow
+                    # client takes a long slice.
+                    while not (await asyncio.wait([future], timeout=TICK))[0]:
+                        counted = self._count(sent[0], counted)
+                        await self.svc.tasks.report(transfer, counted, counted / total)
+                    future.result()
                 except asyncio.CancelledError:
                     stop.set()  # the thread notices within 0.2 s; the fd must outlive it
                     await asyncio.wait([future])
                     if not future.cancelled():
                         future.exception()  # it stopped because we asked: nothing to report
                     raise
+                finally:
+                    counted = self._count(sent[0], counted)
                 await self.svc.tasks.report(transfer, sent[0], sent[0] / total if total else 1.0)
         finally:
             transfer.bytes = sent[0]
@@ -184,6 +206,7 @@ class Export(Operation):
                     data = _ZEROS[: block.length]
                 pending = read(following)  # read ahead while this block goes out
                 await sink.write(data)
+                self._moved(len(data))
                 sent += len(data)
                 transfer.bytes = sent
                 await self.svc.tasks.report(transfer, sent, sent / total if total else 1.0)

@@ -431,6 +431,7 @@ class Import(Operation):
         async def checkpoint_at(position: int) -> None:
             if await in_thread(durable, position):
                 await self.svc.tasks.checkpoint(transfer, position)
+                self.svc.metrics.checkpoints.inc()
             schedule.done(position)
 
         async def on_applied(fed: int, broke: bool) -> None:

@@ -12,6 +12,7 @@ from transfer.config import Config
 from transfer.db import Database
 from transfer.events import EventLog
 from transfer.hosts import HostService
+from transfer.metrics import Metrics
 from transfer.pipeline import Budget
 from transfer.srs import SrService
 from transfer.tasks import TaskManager
@@ -32,6 +33,7 @@ class Services:
     auth: Authenticator
     upload_budget: Budget  # upload body bytes all imports together may hold in memory
     events: EventLog  # changes XenAPI clients wait for with event.from
+    metrics: Metrics  # what GET /metrics shows
 
 
 SERVICES = web.AppKey("services", Services)

@@ -17,7 +17,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -86,6 +86,7 @@ class TaskManager:
         self.ttl = ttl
         self.running: dict[str, Transfer] = {}
         self.shutting_down = False  # no new transfers; stopped ones fail with SHUTTING_DOWN
+        self.on_ended: Callable[[str, str], None] | None = None  # (name_label, status): metrics
 
     # -- records ---------------------------------------------------------------------------
 
@@ -517,6 +518,9 @@ class TaskManager:
         changed = await db.execute(sql, *args)
         if changed:
             await self.events.record("task", task_uuid, db=db)
+            if self.on_ended is not None:
+                row = await db.fetchone("SELECT name_label FROM tasks WHERE uuid = ?", task_uuid)
+                self.on_ended(row["name_label"] if row else "", status)
         if changed and where_running is not None:
             event(log, "task.transition", task=task_uuid, status=status)
         return bool(changed)

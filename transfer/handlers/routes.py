@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from transfer.handlers import records, rpc, session, transfers, users
+from transfer.handlers import metrics, records, rpc, session, transfers, users
 
 ROUTES = [
     ("GET", "/health", session.health),
     ("GET", "/ready", session.ready),
+    ("GET", "/metrics", metrics.metrics),
     ("POST", "/session", session.login),
     ("GET", "/session", session.whoami),
     ("DELETE", "/session", session.logout),

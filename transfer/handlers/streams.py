@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+from collections.abc import Callable
 
 from aiohttp import StreamReader, http_exceptions, web
 
@@ -26,11 +27,19 @@ class RequestBody:
     uploads was most of the event loop's time. The connection closes after the answer,
     since aiohttp's parser never saw the body."""
 
-    def __init__(self, request: web.BaseRequest):
+    def __init__(self, request: web.BaseRequest, on_bytes: Callable[[int], None] | None = None):
         self._request = request
         self._content: StreamReader = request.content
         self._sock: socket.socket | None = None
         self._left = 0  # body bytes still to come on the direct path
+        self.received = 0  # body bytes this request delivered (the access log's bytes_in)
+        self._on_bytes = on_bytes  # told of each piece as it arrives (metrics)
+
+    def _count(self, data: bytes) -> bytes:
+        self.received += len(data)
+        if self._on_bytes is not None and data:
+            self._on_bytes(len(data))
+        return data
 
     def take_over(self) -> bool:
         """Read the rest of the body from the socket if nothing of it reached aiohttp yet,
@@ -64,20 +73,20 @@ class RequestBody:
         readany() joins all pieces waiting into one new bytes, a copy of every byte that the
         server spent a third of its time on under concurrent uploads (perf)."""
         if self._sock is not None:
-            return await self._receive(DIRECT_READ)
+            return self._count(await self._receive(DIRECT_READ))
         try:
             while True:
                 data, end_of_http_chunk = await self._content.readchunk()
                 if data or not end_of_http_chunk:  # (b"", False) is the end of the body
-                    return data
+                    return self._count(data)
         except http_exceptions.HttpProcessingError as exc:
             raise ConnectionResetError(str(exc)) from exc
 
     async def read(self, n: int) -> bytes:
         if self._sock is not None:
-            return await self._receive(n)
+            return self._count(await self._receive(n))
         try:
-            return await self._content.read(n)
+            return self._count(await self._content.read(n))
         except http_exceptions.HttpProcessingError as exc:
             raise ConnectionResetError(str(exc)) from exc
 

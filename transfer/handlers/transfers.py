@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import re
 from collections.abc import AsyncIterator
 
@@ -105,7 +106,7 @@ async def _import(request: web.Request, params: imports.ImportParams) -> web.Str
     if params.resumable:
         headers["Location"] = f"/uploads/{op.task}"
 
-    body = RequestBody(request)
+    body = RequestBody(request, functools.partial(svc.metrics.moved, "import", params.format))
 
     async def go_ahead() -> None:
         """Every check passed and the task runs: now the client may send its body."""
@@ -120,15 +121,17 @@ async def _import(request: web.Request, params: imports.ImportParams) -> web.Str
             await send_interim(request, "100 Continue", {})
 
     try:
-        received = await op.run(body, go_ahead)
+        with svc.metrics.in_flight.labels("import").track_inprogress():
+            received = await op.run(body, go_ahead)
     except ApiError as exc:
-        log_fields.update(bytes_in=op.bytes, error=exc.code)
+        log_fields["error"] = exc.code
         response = error_response(exc, headers)
         response.force_close()  # the rest of the body, if any, is not wanted
         return response
     finally:
         body.close()
-    log_fields.update(vdi=op.target_uuid, bytes_in=received)
+        log_fields["bytes_in"] = body.received
+    log_fields["vdi"] = op.target_uuid
     if not params.complete:
         return web.Response(
             status=204, headers={**headers, "Upload-Offset": str(received), "Upload-Complete": "?0"}
@@ -357,7 +360,8 @@ async def _send_export(
     request[LOG_FIELDS]["task"] = export.task
     response.headers["task-id"] = export.task_ref
     try:
-        await export.send(ResponseSink(request, response), start, end)
+        with services(request).metrics.in_flight.labels("export").track_inprogress():
+            await export.send(ResponseSink(request, response), start, end)
     except asyncio.CancelledError:
         _abort(request)
         raise
@@ -366,6 +370,8 @@ async def _send_export(
         _abort(request)
         request[LOG_FIELDS]["error"] = getattr(exc, "code", type(exc).__name__)
         return response
+    finally:
+        request[LOG_FIELDS]["bytes_out"] = export.bytes_sent
     await response.write_eof()
     return response
 
