@@ -33,6 +33,7 @@ from transfer.handlers.errors import errors_as_json
 from transfer.handlers.routes import add_routes
 from transfer.handlers.streams import force_close_taken
 from transfer.hosts import HostService, load_or_create_host_uuid
+from transfer.limits import Pacing, TransferSlots
 from transfer.logs import redact_query
 from transfer.metrics import Metrics
 from transfer.pipeline import Budget
@@ -141,6 +142,8 @@ async def open_services(config: Config) -> Services:
         users=user_store,
         auth=Authenticator(RevokedSessions(db), user_store, signer),
         upload_budget=upload_budget,
+        slots=TransferSlots(config.max_transfers, config.max_user_transfers),
+        pacing=Pacing(config.idle_timeout, config.min_rate_bytes, config.rate_window),
     )
 
 
@@ -167,7 +170,8 @@ def create_app(config: Config) -> web.Application:
     """One host's app: its lifecycle opens the services, starts the background loops, and closes
     both in order."""
     app = web.Application(
-        middlewares=[errors_as_json, auth_middleware.middleware(lambda r: r.app[SERVICES].auth)]
+        middlewares=[errors_as_json, auth_middleware.middleware(lambda r: r.app[SERVICES].auth)],
+        client_max_size=config.max_json_body_bytes,  # request.json(); transfers stream
     )
     app.on_response_prepare.append(force_close_taken)
 

@@ -42,6 +42,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--upload-memory",
         help="bytes of upload bodies all transfers hold in memory together (e.g. 256M)",
     )
+    limits = serve.add_argument_group("limits (0: none)")
+    limits.add_argument("--max-transfers", type=int, help="transfers at once on this host")
+    limits.add_argument("--max-user-transfers", type=int, help="transfers at once per user")
+    limits.add_argument(
+        "--idle-timeout", type=float, help="seconds a connection may move no byte (300)"
+    )
+    limits.add_argument(
+        "--header-timeout", type=float, help="seconds to send a request's headers (60)"
+    )
+    limits.add_argument("--min-rate", help="bytes/s a body must average, e.g. 64K")
+    limits.add_argument("--rate-window", type=float, help="seconds --min-rate averages over")
+    limits.add_argument("--max-header-size", type=int, help="bytes of a header line (8190)")
+    limits.add_argument("--max-json-body", help="bytes of a JSON request body (1M)")
     serve.add_argument("--log-format", choices=["logfmt", "json"])
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
 

@@ -47,6 +47,18 @@ class Config:
     # Bytes of upload bodies all transfers together hold in memory; empty: a sixteenth of the
     # machine's memory, at most 256 MiB.
     upload_memory: str = ""
+    # Limits (0 or empty: none). Transfers at once on this host (beyond: 503
+    # TOO_MANY_TRANSFERS) and per user (429); seconds a connection may send or take no
+    # byte; seconds a client may take to send a request's headers; bytes/s a body must
+    # average over each rate_window seconds; the size of a header line; of a JSON body.
+    max_transfers: int = 0
+    max_user_transfers: int = 0
+    idle_timeout: float = 300.0
+    header_timeout: float = 60.0
+    min_rate: str = ""
+    rate_window: float = 60.0
+    max_header_size: int = 8190
+    max_json_body: str = "1M"
     config: Path | None = None
     image_mapping: dict[str, str] = field(default_factory=dict, repr=False)  # derived
 
@@ -60,6 +72,14 @@ class Config:
             return parse_size(self.upload_memory, "upload_memory")
         ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         return min(256 << 20, ram // 16)
+
+    @property
+    def min_rate_bytes(self) -> int:
+        return parse_size(self.min_rate, "min_rate") if self.min_rate else 0
+
+    @property
+    def max_json_body_bytes(self) -> int:
+        return parse_size(self.max_json_body, "max_json_body")
 
     @property
     def advertise(self) -> str:
@@ -169,6 +189,19 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(f"upload_memory: {cfg.upload_memory!r} is less than 1 MiB")
     except ApiError as exc:
         raise ConfigError(f"upload_memory: {exc.message}") from None
+    for name in ("max_transfers", "max_user_transfers", "idle_timeout", "header_timeout"):
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"{name}: must be 0 (no limit) or more")
+    if cfg.rate_window <= 0:
+        raise ConfigError("rate_window: must be a positive number of seconds")
+    if cfg.max_header_size < 1024:
+        raise ConfigError(f"max_header_size: {cfg.max_header_size} is less than 1024 bytes")
+    try:
+        cfg.min_rate_bytes  # noqa: B018 (parsed: an error names the key)
+        if cfg.max_json_body_bytes < 4096:
+            raise ConfigError(f"max_json_body: {cfg.max_json_body!r} is less than 4 KiB")
+    except ApiError as exc:
+        raise ConfigError(exc.message) from None
     if bool(cfg.tls_cert) != bool(cfg.tls_key):
         raise ConfigError("tls_cert and tls_key go together: give both, or neither for HTTP")
     if cfg.log_format not in ("logfmt", "json"):

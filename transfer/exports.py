@@ -31,6 +31,7 @@ from formats.registry import RAW, Format, Identity, wire
 from transfer import deltas, layers
 from transfer.db import Row
 from transfer.files import in_thread
+from transfer.limits import Pace, Pacing, Stalled
 from transfer.services import Services
 from transfer.tasks import Operation
 
@@ -106,9 +107,9 @@ class Export(Operation):
             task, f"export_raw_vdi {self.vdi['uuid']}", principal.username, self.vdi["uuid"]
         )
 
-    async def send(self, sink: Sink, start: int, end: int) -> int:
+    async def send(self, sink: Sink, start: int, end: int, pacing: Pacing | None = None) -> int:
         """Output bytes [start, end) into the sink, under the task, which ends with it;
-        returns the bytes sent.
+        returns the bytes sent. A client that takes no byte, or too few (`pacing`), is cut.
 
         On a plain TCP socket the body goes out by sendfile(2) from a worker thread
         (zero-copy from the page cache; uvloop has no loop.sendfile). Otherwise disk reads
@@ -117,15 +118,20 @@ class Export(Operation):
         assert transfer is not None
         async with self.svc.tasks.run(transfer):
             await sink.begin()
+            pace = Pace(pacing or Pacing(), "the download")
             try:
                 sock_fd = await sink.socket()
                 if sock_fd is None:
-                    sent = await self._send_with_reads(sink, start, end)
+                    sent = await self._send_with_reads(sink, start, end, pace)
                 else:
                     try:
-                        sent = await self._send_with_sendfile(sock_fd, start, end)
+                        sent = await self._send_with_sendfile(sock_fd, start, end, pace)
                     finally:
                         os.close(sock_fd)  # only after the worker thread is done with it
+            except Stalled as exc:
+                raise bad_request(
+                    f"the download stopped after {transfer.bytes} of {end - start} bytes: {exc}"
+                ) from None
             except ConnectionError as exc:
                 raise bad_request(
                     f"the download stopped after {transfer.bytes} of {end - start} bytes: the "
@@ -134,7 +140,7 @@ class Export(Operation):
             await self.svc.tasks.succeed(transfer, None)
         return sent
 
-    async def _send_with_sendfile(self, sock_fd: int, start: int, end: int) -> int:
+    async def _send_with_sendfile(self, sock_fd: int, start: int, end: int, pace: Pace) -> int:
         loop = asyncio.get_running_loop()
         transfer = self.transfer
         assert transfer is not None
@@ -160,10 +166,13 @@ class Export(Operation):
                     # Bytes count as they leave (metrics, the task), also while a slow
                     # client takes a long slice.
                     while not (await asyncio.wait([future], timeout=TICK))[0]:
+                        moved = sent[0] - counted
                         counted = self._count(sent[0], counted)
+                        pace.moved(moved)  # Stalled: the thread is stopped below
                         await self.svc.tasks.report(transfer, counted, counted / total)
                     future.result()
-                except asyncio.CancelledError:
+                    pace.moved(sent[0] - counted)
+                except (asyncio.CancelledError, Stalled):
                     stop.set()  # the thread notices within 0.2 s; the fd must outlive it
                     await asyncio.wait([future])
                     if not future.cancelled():
@@ -175,7 +184,7 @@ class Export(Operation):
         finally:
             transfer.bytes = sent[0]
 
-    async def _send_with_reads(self, sink: Sink, start: int, end: int) -> int:
+    async def _send_with_reads(self, sink: Sink, start: int, end: int, pace: Pace) -> int:
         loop = asyncio.get_running_loop()
         transfer, source = self.transfer, self.chain
         assert transfer is not None
@@ -205,7 +214,7 @@ class Export(Operation):
                 else:
                     data = _ZEROS[: block.length]
                 pending = read(following)  # read ahead while this block goes out
-                await sink.write(data)
+                await _paced_write(sink, data, pace)
                 self._moved(len(data))
                 sent += len(data)
                 transfer.bytes = sent
@@ -215,6 +224,19 @@ class Export(Operation):
             if pending is not None:
                 await asyncio.wait([pending])
         return sent
+
+
+async def _paced_write(sink: Sink, data: bytes | memoryview, pace: Pace) -> None:
+    """Write, waiting for the client to take it no longer than the pace allows (a piece is
+    4 MiB: a timeout around each costs nothing next to it)."""
+    try:
+        async with asyncio.timeout(pace.wait_left()):
+            await sink.write(data)
+    except TimeoutError:
+        # Stalled; or a rate window ended in time, and the piece is in the transport's
+        # buffer already: the next write waits for the client to take it.
+        pace.check()
+    pace.moved(len(data))
 
 
 @contextlib.asynccontextmanager

@@ -13,13 +13,22 @@ from aiohttp import web
 from common.logfields import event
 from transfer.app import AccessLog, create_app, mark_shutting_down
 from transfer.config import Config
+from transfer.handlers.connections import ConnectionLimits, GuardedAppRunner
 
 log = logging.getLogger("vdi_transfer")
 
 
 async def _serve(config: Config, tls: ssl.SSLContext | None) -> None:
     app = create_app(config)
-    runner = web.AppRunner(app, access_log_class=AccessLog, handle_signals=False)
+    limits = ConnectionLimits(config.header_timeout, config.idle_timeout)
+    runner = GuardedAppRunner(
+        app,
+        limits,
+        access_log_class=AccessLog,
+        handle_signals=False,
+        max_line_size=config.max_header_size,
+        max_field_size=config.max_header_size,
+    )
     await runner.setup()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

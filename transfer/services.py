@@ -12,6 +12,7 @@ from transfer.config import Config
 from transfer.db import Database
 from transfer.events import EventLog
 from transfer.hosts import HostService
+from transfer.limits import Pacing, TransferSlots
 from transfer.metrics import Metrics
 from transfer.pipeline import Budget
 from transfer.srs import SrService
@@ -34,6 +35,8 @@ class Services:
     upload_budget: Budget  # upload body bytes all imports together may hold in memory
     events: EventLog  # changes XenAPI clients wait for with event.from
     metrics: Metrics  # what GET /metrics shows
+    slots: TransferSlots  # how many transfers may run at once (--max-transfers)
+    pacing: Pacing  # how slow a transfer's body may be (--idle-timeout, --min-rate)
 
 
 SERVICES = web.AppKey("services", Services)

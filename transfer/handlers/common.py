@@ -9,8 +9,6 @@ from aiohttp import web
 
 from common.errors import ApiError, bad_request
 
-MAX_JSON_BODY = 1 << 20
-
 
 def json_response(data: Any, status: int = 200, **kwargs: Any) -> web.Response:
     """A JSON answer; `kwargs` (headers, ...) go to web.Response."""
@@ -21,21 +19,22 @@ def json_response(data: Any, status: int = 200, **kwargs: Any) -> web.Response:
 
 async def read_json(request: web.Request) -> dict:
     """The request's JSON object body, all of it (it may arrive in several TCP segments) up
-    to MAX_JSON_BODY bytes. A non-empty body must say it is JSON (`application/json`, or a
-    `+json` type): a browser cannot send that cross-site without asking first (a CORS
-    preflight, which this server never grants), so a page elsewhere cannot make a logged-in
-    browser post forms here. An empty body is an empty object."""
+    to the app's client_max_size (`max_json_body`) bytes. A non-empty body must say it is
+    JSON (`application/json`, or a `+json` type): a browser cannot send that cross-site
+    without asking first (a CORS preflight, which this server never grants), so a page
+    elsewhere cannot make a logged-in browser post forms here. An empty body is an empty object."""
+    limit = request.client_max_size
     declared = request.content_length
-    if declared is not None and declared > MAX_JSON_BODY:
-        raise _too_large()
+    if declared is not None and declared > limit:
+        raise _too_large(limit)
     raw = bytearray()
     while True:
-        chunk = await request.content.read(MAX_JSON_BODY + 1 - len(raw))
+        chunk = await request.content.read(limit + 1 - len(raw))
         if not chunk:
             break
         raw += chunk
-        if len(raw) > MAX_JSON_BODY:
-            raise _too_large()
+        if len(raw) > limit:
+            raise _too_large(limit)
     if not raw.strip():
         return {}
     ctype = request.content_type
@@ -57,9 +56,9 @@ async def read_json(request: web.Request) -> dict:
     return data
 
 
-def _too_large() -> ApiError:
+def _too_large(limit: int) -> ApiError:
     return ApiError(
-        "BAD_REQUEST", f"the JSON body is larger than {MAX_JSON_BODY} bytes", status=413
+        "BAD_REQUEST", f"the JSON body is larger than {limit} bytes (max_json_body)", status=413
     )
 
 

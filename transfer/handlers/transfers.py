@@ -22,6 +22,7 @@ from transfer import checksums, exports, imports, pool
 from transfer.handlers.common import choose_format, json_response
 from transfer.handlers.errors import error_response
 from transfer.handlers.streams import RequestBody, ResponseSink, send_interim
+from transfer.limits import Pace
 from transfer.ranges import requested_range
 from transfer.services import services
 
@@ -87,6 +88,13 @@ async def import_raw_vdi(request: web.Request) -> web.StreamResponse:
 
 async def _import(request: web.Request, params: imports.ImportParams) -> web.StreamResponse:
     """An import (PUT) or an append to an upload resource (PATCH), from checks to answer."""
+    with contextlib.ExitStack() as slot:
+        return await _import_in(request, params, slot)
+
+
+async def _import_in(
+    request: web.Request, params: imports.ImportParams, slot: contextlib.ExitStack
+) -> web.StreamResponse:
     svc = services(request)
     log_fields = request[LOG_FIELDS]
     async with _failing_given_task(request, params.task_id):
@@ -95,6 +103,8 @@ async def _import(request: web.Request, params: imports.ImportParams) -> web.Str
         where = await imports.placement(svc, params)
         if where is not None:
             await pool.route(request, "import", *where)
+        # Here, not on the host that redirects; before the 100 Continue and the body.
+        slot.enter_context(svc.slots.take(request[PRINCIPAL].username))
         op = await imports.Import.plan(svc, params, length)
         log_fields["vdi"] = op.target_uuid
         if op.probe:
@@ -106,7 +116,11 @@ async def _import(request: web.Request, params: imports.ImportParams) -> web.Str
     if params.resumable:
         headers["Location"] = f"/uploads/{op.task}"
 
-    body = RequestBody(request, functools.partial(svc.metrics.moved, "import", params.format))
+    body = RequestBody(
+        request,
+        functools.partial(svc.metrics.moved, "import", params.format),
+        Pace(svc.pacing, "the upload"),
+    )
 
     async def go_ahead() -> None:
         """Every check passed and the task runs: now the client may send its body."""
@@ -317,8 +331,9 @@ async def export_raw_vdi(request: web.Request) -> web.StreamResponse:
         request[LOG_FIELDS]["vdi"] = vdi["uuid"]
         await pool.route(request, "export", vdi["uuid"], await svc.vdis.owner(vdi))
         base = param(request, "base")
-        async with exports.opened(svc, vdi["uuid"], fmt, chunked, base) as export:
-            return await _send_export(request, export, task)
+        with svc.slots.take(request[PRINCIPAL].username):
+            async with exports.opened(svc, vdi["uuid"], fmt, chunked, base) as export:
+                return await _send_export(request, export, task)
 
 
 async def _send_export(
@@ -360,8 +375,9 @@ async def _send_export(
     request[LOG_FIELDS]["task"] = export.task
     response.headers["task-id"] = export.task_ref
     try:
-        with services(request).metrics.in_flight.labels("export").track_inprogress():
-            await export.send(ResponseSink(request, response), start, end)
+        svc = services(request)
+        with svc.metrics.in_flight.labels("export").track_inprogress():
+            await export.send(ResponseSink(request, response), start, end, svc.pacing)
     except asyncio.CancelledError:
         _abort(request)
         raise
