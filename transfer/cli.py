@@ -264,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"vdi-transfer: configuration error: {exc}", file=sys.stderr)
                 return 2
             logs.setup(config.log_format, config.log_level)
-            serve(config, tls)
+            serve(config, tls, reload=lambda: load(options))
         elif args.command == "user":
             _user(args, config)
         elif args.command == "sr":
