@@ -85,5 +85,23 @@ def test_the_deploy_examples_load():
     single = load({"config": str(root / "config.example.toml")}, env={})
     assert single.advertise == "https://vdit1.example:8080"
     assert single.tls_cert == Path("/etc/vdi-transfer/cert.pem") and single.tls_key
+    assert single.max_transfers == 64 and single.min_rate_bytes == 64 << 10
+    assert single.max_json_body_bytes == 1 << 20 and single.idle_timeout == 300
     pool = load({"config": str(root / "pool" / "host.example.toml")}, env={})
     assert pool.database.startswith("postgresql://") and pool.advertise == "https://vdit1.example"
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "says"),
+    [
+        ("max_transfers", "-1", "max_transfers"),
+        ("idle_timeout", "-5", "idle_timeout"),
+        ("rate_window", "0", "rate_window"),
+        ("min_rate", "fast", "min_rate"),
+        ("max_json_body", "1K", "max_json_body"),
+        ("max_header_size", "100", "max_header_size"),
+    ],
+)
+def test_limits_that_cannot_be_used_name_their_key(key, value, says):
+    with pytest.raises(ConfigError, match=says):
+        load({}, env={f"VDIT_{key.upper()}": value})
