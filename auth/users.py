@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 
 from auth.passwords import HASHING, check_strength, hash_password
@@ -13,14 +14,16 @@ from common.errors import ApiError, bad_request
 USERNAME_MAX = 64
 
 
+USERNAME = re.compile(rf"[A-Za-z0-9._@-]{{1,{USERNAME_MAX}}}")
+
+
 def validate_username(username: object) -> str:
-    """The user name if it is 1 to USERNAME_MAX letters, digits or . _ - @; else BAD_REQUEST."""
-    if (
-        not isinstance(username, str)
-        or not 1 <= len(username) <= USERNAME_MAX
-        or not all(c.isalnum() or c in "._-@" for c in username)
-    ):
-        raise bad_request(f"username must be 1-{USERNAME_MAX} letters, digits or . _ - @", username)
+    """The user name if it is 1 to USERNAME_MAX ASCII letters, digits or . _ - @ (no look-alike
+    letters of other scripts); else BAD_REQUEST."""
+    if not isinstance(username, str) or not USERNAME.fullmatch(username):
+        raise bad_request(
+            f"username must be 1-{USERNAME_MAX} ASCII letters, digits or . _ - @", username
+        )
     return username
 
 

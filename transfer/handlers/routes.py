@@ -15,6 +15,7 @@ ROUTES = [
     ("GET", "/health", session.health),
     ("GET", "/ready", session.ready),
     ("GET", "/metrics", metrics.metrics),
+    ("GET", "/openapi.json", metrics.openapi),
     ("POST", "/session", session.login),
     ("GET", "/session", session.whoami),
     ("DELETE", "/session", session.logout),

@@ -46,12 +46,14 @@ async def ready(request: web.Request) -> web.Response:
 
 @public
 async def login(request: web.Request) -> web.Response:
-    """Basic auth or JSON {username, password} -> a session id (also set as a cookie)."""
+    """JSON {username, password}, or else Basic auth -> a session id (also set as a
+    cookie). A body, if any, must be JSON; the credentials it carries are the ones used."""
     svc = services(request)
-    if request.headers.get("Authorization", "").lower().startswith("basic "):
+    body = await read_json(request)
+    basic = request.headers.get("Authorization", "").lower().startswith("basic ")
+    if basic and not body:
         principal = await svc.auth.authenticate(request)
     else:
-        body = await read_json(request)
         username, password = body.get("username"), body.get("password")
         if not isinstance(username, str) or not isinstance(password, str):
             raise ApiError(
