@@ -144,6 +144,16 @@ SCHEMAS: dict[str, dict] = {
         vdi=UUID,
         bytes={"type": "integer", "minimum": 0},
     ),
+    "ImportOptions": _all(
+        formats={"type": "array", "items": {"enum": list(UPLOAD_FORMATS)}},
+        max_writers={"type": "integer", "minimum": 1},
+        features={"type": "array", "items": {"type": "string"}},
+    ),
+    "ExportOptions": _all(
+        formats={"type": "array", "items": {"enum": list(EXPORT_FORMATS)}},
+        max_readers={"type": "integer", "minimum": 1},
+        features={"type": "array", "items": {"type": "string"}},
+    ),
     "Status": _obj(
         ["status", "host"],
         status={"type": "string"},
@@ -616,7 +626,15 @@ PATHS: dict[str, dict[str, dict]] = {
             parameters=[_path("uuid")],
         )
     },
-    "/import_raw_vdi": {"put": IMPORT, "head": UPLOAD_STATUS},
+    "/import_raw_vdi": {
+        "put": IMPORT,
+        "head": UPLOAD_STATUS,
+        "options": _op(
+            "What uploads may use: formats, writers at once, features",
+            {"200": _json("the capabilities", _ref("ImportOptions"))},
+            [],
+        ),
+    },
     "/import_raw_vdi/{tail}": {
         "put": {**IMPORT, "parameters": [*IMPORT_PARAMETERS, _path("tail", "a file name")]},
         "head": {
@@ -624,7 +642,14 @@ PATHS: dict[str, dict[str, dict]] = {
             "parameters": [*UPLOAD_STATUS["parameters"], _path("tail", "a file name")],
         },
     },
-    "/export_raw_vdi": {"get": EXPORT},
+    "/export_raw_vdi": {
+        "get": EXPORT,
+        "options": _op(
+            "What downloads may use: formats, readers at once, features",
+            {"200": _json("the capabilities", _ref("ExportOptions"))},
+            [],
+        ),
+    },
     "/export_raw_vdi/{tail}": {
         "get": {**EXPORT, "parameters": [*EXPORT["parameters"], _path("tail", "a file name")]}
     },

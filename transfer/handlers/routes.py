@@ -49,6 +49,8 @@ ROUTES = [
     ("PUT", "/import_raw_vdi/{tail:.*}", transfers.import_raw_vdi),
     ("HEAD", "/import_raw_vdi", transfers.upload_status),
     ("HEAD", "/import_raw_vdi/{tail:.*}", transfers.upload_status),
+    ("OPTIONS", "/import_raw_vdi", transfers.import_options),
+    ("OPTIONS", "/export_raw_vdi", transfers.export_options),
     ("GET", "/export_raw_vdi", transfers.export_raw_vdi),
     ("GET", "/export_raw_vdi/{tail:.*}", transfers.export_raw_vdi),
     # The upload resource of the IETF resumable-upload draft.

@@ -432,3 +432,39 @@ async def checksum(request: web.Request) -> web.Response:
     request[LOG_FIELDS]["vdi"] = vdi["uuid"]
     await pool.route(request, "checksum", vdi["uuid"], await svc.vdis.owner(vdi))
     return json_response(await checksums.checksum(svc, vdi["uuid"], algorithm, block_size))
+
+
+# -- capabilities --------------------------------------------------------------------------
+
+MAX_READERS = 8  # connections a client may read one VDI with (Range), as ovirt-imageio says
+
+
+@requires("reader")
+async def import_options(request: web.Request) -> web.Response:
+    """OPTIONS /import_raw_vdi: what an upload may use, for clients that adapt (how many
+    connections, which formats, resumable uploads, XAPI chunk framing)."""
+    return json_response(
+        {
+            "formats": list(UPLOAD_FORMATS),
+            "max_writers": 1,
+            "features": ["chunked", "resumable", "content-range", "upload-resource"],
+        },
+        headers={"Allow": "OPTIONS, PUT, HEAD"},
+    )
+
+
+@requires("reader")
+async def export_options(request: web.Request) -> web.Response:
+    """OPTIONS /export_raw_vdi: what a download may use: several connections reading
+    ranges of one VDI at once, the formats, and incremental exports."""
+    svc = services(request)
+    per_user = svc.config.max_user_transfers
+    readers = min(MAX_READERS, per_user) if per_user else MAX_READERS
+    return json_response(
+        {
+            "formats": list(EXPORT_FORMATS),
+            "max_readers": readers,
+            "features": ["range", "if-range", "chunked", "base", "extents", "checksum"],
+        },
+        headers={"Allow": "OPTIONS, GET, HEAD"},
+    )
