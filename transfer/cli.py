@@ -1,4 +1,6 @@
-"""The `vdi-transfer` command: `serve`, and offline administration (`user ...`)."""
+"""The `vdi-transfer` command: `serve`; offline administration on a state dir (`user`,
+`host`, `sr`, `vdi verify`); and the client of a server at --url (`login`, `upload`,
+`download`, `vdi list ...`, `task ...`: transfer/client/)."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from typing import Any
 
 from common.errors import ApiError
 from transfer import __version__, logs
+from transfer.client.commands import add_commands, add_vdi_actions, client_options, is_remote
 from transfer.config import Config, ConfigError, load
 
 
@@ -81,7 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     sr = sub.add_parser("sr", help="storage repositories")
     sr_sub = sr.add_subparsers(dest="action", required=True)
-    _common(sr_sub.add_parser("list", help="list SRs and the image formats they store"))
+    sr_list = sr_sub.add_parser("list", help="list SRs (offline, or on the server at --url)")
+    _common(sr_list)
+    client_options(sr_list)
     sr_create = sr_sub.add_parser(
         "create",
         help="add an SR: a directory local to this host, or (--shared) one every host mounts",
@@ -110,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     verify = vdi_sub.add_parser("verify", help="check that a VDI's files agree with its records")
     verify.add_argument("vdi", help="uuid or OpaqueRef")
     _common(verify)
+    add_vdi_actions(vdi_sub)
+    add_commands(sub)
     return parser
 
 
@@ -242,10 +249,15 @@ def _vdi(args: argparse.Namespace, config: Config) -> int:
 def main(argv: list[str] | None = None) -> int:
     """The command's exit status: 1 on an API error, 2 on bad configuration, 130 if interrupted."""
     args = build_parser().parse_args(argv)
+    if is_remote(args):
+        from transfer.client.commands import run
+
+        return run(args)
     options = {
         k: v
         for k, v in vars(args).items()
         if k not in ("command", "action", "username", "role", "password_stdin", "vdi")
+        and k not in ("url", "user", "cacert", "insecure", "json")
         and not k.startswith("sr_")
     }
     try:
