@@ -289,3 +289,30 @@ def api_options(url: str, path: str):
     )
     with urllib.request.urlopen(req, timeout=10) as resp:
         return resp.status, json.loads(resp.read())
+
+
+def test_a_raw_download_against_a_base_updates_yesterdays_copy(server, tmp_path):
+    """The nightly restore copy: the first night's snapshot whole, then each later one as
+    the blocks that changed, written into the same file (zeroed blocks punched)."""
+    env = env_for(server, tmp_path)
+    size = 64 * MiB
+    first = sparse_file(tmp_path / "first.raw", size, [(0, os.urandom(16 * MiB))])
+    vdi = json.loads(cli(env, "upload", str(first), "--sr", local_sr(server.url), "--json").stdout)[
+        "vdi"
+    ]
+    api(f"{server.url}/vdis/{vdi}", "PATCH", {"cbt_enabled": True})
+    old = api(f"{server.url}/vdis/{vdi}/snapshot", "POST", {})[1]["uuid"]
+    second = sparse_file(
+        tmp_path / "second.raw", size, [(4 * MiB, os.urandom(MiB)), (40 * MiB, os.urandom(MiB))]
+    )
+    assert cli(env, "upload", str(second), "--vdi", vdi, "-q").returncode == 0  # zeroes the rest
+    new = api(f"{server.url}/vdis/{vdi}/snapshot", "POST", {})[1]["uuid"]
+    copy = tmp_path / "copy.raw"
+    assert cli(env, "download", old, "-o", str(copy), "-q").returncode == 0
+    assert sha(copy) == sha(first)
+    missing = cli(env, "download", new, "--base", old, "-o", str(tmp_path / "nothing.raw"))
+    assert missing.returncode == 1 and "older version" in missing.stderr
+    delta = cli(env, "download", new, "--base", old, "-o", str(copy), "--json")
+    assert delta.returncode == 0, delta.stderr
+    assert json.loads(delta.stdout)["bytes_received"] <= 2 * MiB
+    assert sha(copy) == sha(second)

@@ -3,6 +3,7 @@ on stderr otherwise (a log, a CI job), nothing with --quiet."""
 
 from __future__ import annotations
 
+import shutil
 import sys
 import time
 from typing import TextIO
@@ -33,9 +34,12 @@ class Progress:
         if not quiet and self.stream.isatty():
             from tqdm import tqdm
 
+            # A pseudo-terminal of unknown size (script, some CI): tqdm would hide the bar.
+            width, height = shutil.get_terminal_size((0, 0))
             self._bar = tqdm(
                 total=total, desc=label, unit="B", unit_scale=True, unit_divisor=1024,
-                file=self.stream, dynamic_ncols=True, smoothing=0.1,
+                file=self.stream, smoothing=0.1, dynamic_ncols=width > 0,
+                ncols=None if width > 0 else 100, nrows=None if height > 0 else 24,
             )  # fmt: skip
 
     def advance(self, n: int) -> None:
