@@ -209,3 +209,19 @@ def shared_server(tmp_path_factory):
     yield srv
     if srv.proc and srv.proc.poll() is None:
         srv.stop()
+
+
+def self_signed(where: Path, name: str) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 (its own CA), named `name`, and its key."""
+    cert, key = where / f"{name}.pem", where / f"{name}.key"
+    subprocess.run(
+        [
+            "openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+            "-nodes", "-days", "2", "-subj", f"/CN={name}",
+            "-addext", "subjectAltName=IP:127.0.0.1",
+            "-keyout", str(key), "-out", str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )  # fmt: skip
+    return cert, key

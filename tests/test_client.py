@@ -14,20 +14,10 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 from tests.conftest import ADMIN_PASSWORD, ServerProcess
 from tests.rawclient import api, export_to
 
 MiB = 1 << 20
-
-
-@pytest.fixture
-def server(tmp_path):
-    srv = ServerProcess(tmp_path / "state").start()
-    yield srv
-    if srv.proc and srv.proc.poll() is None:
-        srv.stop()
 
 
 def env_for(srv: ServerProcess, tmp_path: Path, **more: str) -> dict[str, str]:

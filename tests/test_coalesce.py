@@ -66,14 +66,6 @@ def merging(url: str, timeout: float = 10) -> bool:
     return False
 
 
-@pytest.fixture
-def server(tmp_path):
-    srv = ServerProcess(tmp_path / "state").start()
-    yield srv
-    if srv.proc and srv.proc.poll() is None:
-        srv.stop()
-
-
 @pytest.mark.parametrize("fmt", ["vhd", "qcow2"])
 def test_the_nightly_loop_keeps_chains_short_and_space_bounded(server, tmp_path, fmt):
     url, size = server.url, 32 * MiB

@@ -10,21 +10,12 @@ import subprocess
 import time
 import urllib.request
 
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import ServerProcess
 from tests.rawclient import AUTH, AUTH_HEADER, api, curl_upload, export_to
 
 MiB = 1 << 20
-
-
-@pytest.fixture
-def server(tmp_path):
-    srv = ServerProcess(tmp_path / "state").start()
-    yield srv
-    if srv.proc and srv.proc.poll() is None:
-        srv.stop()
 
 
 def scrape(url: str) -> tuple[str, dict[tuple[str, tuple], float]]:

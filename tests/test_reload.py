@@ -9,29 +9,13 @@ import os
 import signal
 import socket
 import ssl
-import subprocess
 import time
 from pathlib import Path
 
-from tests.conftest import ServerProcess
+from tests.conftest import ServerProcess, self_signed
 from tests.rawclient import AUTH_HEADER
 
 MiB = 1 << 20
-
-
-def make_cert(where: Path, name: str) -> tuple[Path, Path]:
-    cert, key = where / f"{name}.pem", where / f"{name}.key"
-    subprocess.run(
-        [
-            "openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
-            "-nodes", "-days", "2", "-subj", f"/CN={name}",
-            "-addext", "subjectAltName=IP:127.0.0.1",
-            "-keyout", str(key), "-out", str(cert),
-        ],
-        check=True,
-        capture_output=True,
-    )  # fmt: skip
-    return cert, key
 
 
 def served_cert(port: int) -> bytes:
@@ -74,8 +58,8 @@ def read_all(tls: ssl.SSLSocket) -> bytes:
 def test_sighup_renews_the_certificate_and_log_level_without_dropping_a_download(tmp_path):
     tls_dir = tmp_path / "tls"
     tls_dir.mkdir()
-    first_cert, first_key = make_cert(tls_dir, "first")
-    second_cert, second_key = make_cert(tls_dir, "second")
+    first_cert, first_key = self_signed(tls_dir, "first")
+    second_cert, second_key = self_signed(tls_dir, "second")
     cert, key = tls_dir / "cert.pem", tls_dir / "key.pem"
     cert.write_bytes(first_cert.read_bytes())
     key.write_bytes(first_key.read_bytes())

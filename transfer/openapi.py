@@ -238,6 +238,29 @@ def _list(name: str) -> dict:
 
 
 VDI_PATH = [_path("uuid")]
+
+
+def _derive(summary: str, made: str) -> dict:
+    """A snapshot or a clone: the same request, the same errors."""
+    return _op(
+        summary,
+        {"201": _json(made, _ref("Vdi"))},
+        [
+            "VDI_NOT_FOUND",
+            "VDI_IN_USE",
+            "VDI_INCOMPATIBLE_TYPE",
+            "SR_FULL",
+            "BAD_REQUEST",
+            "UNSUPPORTED_MEDIA_TYPE",
+            "HOST_OFFLINE",
+        ],
+        role="operator",
+        parameters=VDI_PATH,
+        body=NAME_BODY,
+        redirects=True,
+    )
+
+
 NAME_BODY = _json_body(
     {"type": "object", "properties": {"name_label": {"type": "string", "maxLength": 255}}},
     required=False,
@@ -499,44 +522,8 @@ PATHS: dict[str, dict[str, dict]] = {
             parameters=[*VDI_PATH, _query("base", "the older version", required=True)],
         )
     },
-    "/vdis/{uuid}/snapshot": {
-        "post": _op(
-            "Snapshot a VDI",
-            {"201": _json("the snapshot", _ref("Vdi"))},
-            [
-                "VDI_NOT_FOUND",
-                "VDI_IN_USE",
-                "VDI_INCOMPATIBLE_TYPE",
-                "SR_FULL",
-                "BAD_REQUEST",
-                "UNSUPPORTED_MEDIA_TYPE",
-                "HOST_OFFLINE",
-            ],
-            role="operator",
-            parameters=VDI_PATH,
-            body=NAME_BODY,
-            redirects=True,
-        )
-    },
-    "/vdis/{uuid}/clone": {
-        "post": _op(
-            "Clone a VDI (writable)",
-            {"201": _json("the clone", _ref("Vdi"))},
-            [
-                "VDI_NOT_FOUND",
-                "VDI_IN_USE",
-                "VDI_INCOMPATIBLE_TYPE",
-                "SR_FULL",
-                "BAD_REQUEST",
-                "UNSUPPORTED_MEDIA_TYPE",
-                "HOST_OFFLINE",
-            ],
-            role="operator",
-            parameters=VDI_PATH,
-            body=NAME_BODY,
-            redirects=True,
-        )
-    },
+    "/vdis/{uuid}/snapshot": {"post": _derive("Snapshot a VDI", "the snapshot")},
+    "/vdis/{uuid}/clone": {"post": _derive("Clone a VDI (writable)", "the clone")},
     "/vdis/{uuid}/data_destroy": {
         "post": _op(
             "Release a tracked snapshot's data, keep its record (cbt_metadata)",
