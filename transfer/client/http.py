@@ -154,7 +154,8 @@ class Api:
         for name, value in headers.items():
             conn.putheader(name, value)
         if body is None:
-            conn.putheader("Content-Length", "0") if method in ("PUT", "POST", "PATCH") else None
+            if method in ("PUT", "POST", "PATCH"):
+                conn.putheader("Content-Length", "0")
             conn.endheaders()
             return self._answer(conn, method)
         if isinstance(body, bytes):
