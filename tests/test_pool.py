@@ -662,3 +662,37 @@ def test_sr_create_refuses_what_it_cannot_serve(pool, tmp_path):
     assert pool.cli("sr", "create", "--shared", str(twice)).returncode == 0
     again = pool.cli("sr", "create", "--shared", str(twice))
     assert again.returncode == 1 and "already" in again.stderr
+
+
+def test_the_client_follows_redirects_to_the_owner(pool, tmp_path):
+    """`vdi-transfer upload` and `download` against a host that does not own the VDI: the
+    upload is redirected before its body (100 Continue), sent once, to the owner; the
+    sparse download's extents and ranges are redirected too."""
+    owner, entry = pool.hosts[0], pool.hosts[1]
+    vdi = new_vdi(owner, size=32 * MiB)
+    src = tmp_path / "src.raw"
+    with src.open("wb") as f:
+        f.truncate(32 * MiB)
+        f.seek(5 * MiB)
+        f.write(os.urandom(3 * MiB))
+    env = {
+        **os.environ,
+        "VDIT_URL": entry.url,
+        "VDIT_USER": "admin",
+        "VDIT_PASSWORD": ADMIN_PASSWORD,
+        "XDG_CONFIG_HOME": str(tmp_path / "config"),
+    }
+
+    def client(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "transfer", *args], env=env, capture_output=True, text=True,
+            timeout=120,
+        )  # fmt: skip
+
+    sent = client("upload", str(src), "--vdi", vdi["uuid"], "--json", "-q")
+    assert sent.returncode == 0, sent.stderr
+    assert json.loads(sent.stdout)["bytes_sent"] < 4 * MiB  # once, and only the data
+    out = tmp_path / "out.raw"
+    got = client("download", vdi["uuid"], "-o", str(out), "-q", "--connections", "2")
+    assert got.returncode == 0, got.stderr
+    assert out.read_bytes() == src.read_bytes()
