@@ -142,3 +142,32 @@ def test_image_snapshot_chain_and_verify(srv, tmp_path, fmt):
     assert api(f"{srv.url}/vdis/{vdi['uuid']}", "DELETE")[0] == 204
     leftovers = list((srv.state_dir / "srs" / vdi["sr"]).glob(f"*.{fmt}"))
     assert leftovers == []
+
+
+def test_a_lock_left_by_a_snapshot_cut_short_is_released_at_start(tmp_path):
+    """SIGKILL between a snapshot's lock and unlock left the VDI locked for ever (every
+    write: VDI_IN_USE). The lock names its host: the host's next start releases it, and
+    leaves another host's alone."""
+    import signal
+    import sqlite3
+
+    from tests.conftest import ServerProcess
+
+    state = tmp_path / "state"
+    srv = ServerProcess(state).start()
+    try:
+        _, one = api(f"{srv.url}/vdis", "POST", {"virtual_size": MiB})
+        _, two = api(f"{srv.url}/vdis", "POST", {"virtual_size": MiB})
+        srv.stop(signal.SIGKILL)
+        host = (state / "host-uuid").read_text().strip()
+        with sqlite3.connect(state / "state.db") as db:
+            for lock, vdi in ((f"snapshot-{host}-x", one), ("snapshot-other-y", two)):
+                db.execute("UPDATE vdis SET locked_by = ? WHERE uuid = ?", (lock, vdi["uuid"]))
+        srv.start()
+        assert api(f"{srv.url}/vdis/{one['uuid']}/snapshot", "POST", {})[0] == 201
+        status, body = api(f"{srv.url}/vdis/{two['uuid']}/snapshot", "POST", {})
+        assert status == 409 and body["error"] == "VDI_IN_USE"
+        assert "vdi.locks_released" in srv.log_path.read_text()
+    finally:
+        if srv.proc and srv.proc.poll() is None:
+            srv.stop()

@@ -198,6 +198,10 @@ def create_app(config: Config) -> web.Application:
         coalescer = Coalescer(svc)
         await coalescer.recover()
         await svc.vdis.drop_readers_of_this_host()
+        released = await svc.vdis.release_own_locks()
+        if released:
+            event(log, "vdi.locks_released", logging.WARNING, count=released,
+                  note="snapshots or CBT switches cut by the last stop")  # fmt: skip
 
         async def collect_garbage() -> None:
             await svc.tasks.collect_garbage()

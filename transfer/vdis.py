@@ -142,7 +142,7 @@ class VdiService:
             )
         if bool(row["cbt_enabled"]) == enabled:
             return row
-        task = f"cbt-{row['uuid']}"
+        task = self._own_lock("cbt", row["uuid"])
         await self.lock(row["uuid"], task)  # no import writes while the log changes hands
         try:
             log = await self._log(row)
@@ -492,7 +492,7 @@ class VdiService:
             elif row["read_only"]:
                 await self._cbt_start(row, new_uuid)
             return await self._get_any(new_uuid)
-        task = f"snapshot-{new_uuid}"
+        task = self._own_lock("snapshot", new_uuid)
         if not row["read_only"]:
             await self.lock(row["uuid"], task)  # no writer may slip in while files move
         try:
@@ -672,6 +672,20 @@ class VdiService:
 
     async def drop_reader(self, lease: str) -> None:
         await self.db.execute("DELETE FROM vdi_readers WHERE id = ?", lease)
+
+    def _own_lock(self, what: str, ident: str) -> str:
+        """The lock a short operation of this host (a snapshot, a CBT switch) holds a VDI
+        with: it names the host, so that one dead in the middle is released at its start."""
+        return f"{what}-{self.hosts.uuid}-{ident}"
+
+    async def release_own_locks(self) -> int:
+        """At start: locks of snapshots and CBT switches this host was in the middle of when
+        it died (SIGKILL between lock and unlock); their VDIs were never written."""
+        return await self.db.execute(
+            "UPDATE vdis SET locked_by = NULL WHERE locked_by LIKE ? OR locked_by LIKE ?",
+            f"snapshot-{self.hosts.uuid}-%",
+            f"cbt-{self.hosts.uuid}-%",
+        )
 
     async def drop_readers_of_this_host(self) -> None:
         """At start: leases left by exports this process ran before it died."""
