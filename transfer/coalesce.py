@@ -103,6 +103,28 @@ async def candidates(svc: Services) -> list[tuple[Row, Row]]:
     return pairs
 
 
+def _copy_runs(runs, source, dest, progress: Progress | None) -> int:
+    """Blocking: each (start, length, kind) run of `source` into `dest` at the same offset,
+    data copied and zeros zeroed, PIECE at a time; `dest` flushed. Returns the data bytes
+    copied; `progress` follows the fraction done (and may stop the copy)."""
+    copied, done, total = 0, 0, sum(n for _, n, _ in runs) or 1
+    for start, length, kind in runs:
+        pos, end = start, start + length
+        while pos < end:
+            n = min(PIECE, end - pos)
+            if kind == DATA:
+                dest.write(pos, source.read(pos, n))
+                copied += n
+            else:
+                dest.zero(pos, n)
+            pos += n
+            done += n
+            if progress is not None:
+                progress.advance(done / total)
+    dest.flush()
+    return copied
+
+
 def build_merged(
     child: Path,
     layer: Path,
@@ -120,24 +142,8 @@ def build_merged(
     try:
         layers.create_image(target, fmt, size, identity, parent)
         merged = FORMATS[fmt].driver.open(target, writable=True)
-        copied, done = 0, 0
-        runs = pair.reads_over(pair.touched(2))
-        total = sum(n for _, n, _ in runs) or 1
         try:
-            for start, length, kind in runs:
-                pos, end = start, start + length
-                while pos < end:
-                    n = min(PIECE, end - pos)
-                    if kind == DATA:
-                        merged.write(pos, pair.read(pos, n))
-                        copied += n
-                    else:
-                        merged.zero(pos, n)
-                    pos += n
-                    done += n
-                    if progress is not None:
-                        progress.advance(done / total)
-            merged.flush()
+            copied = _copy_runs(pair.reads_over(pair.touched(2)), pair, merged, progress)
         finally:
             merged.close()
         files.fsync_dir(target.parent)
@@ -166,25 +172,10 @@ def absorb(child: Path, layer: Path, fmt: str, progress: Progress | None = None)
     try:
         runs = [(s, n, kind) for s, n, kind in top.extents() if kind != PARENT]
         below = FORMATS[fmt].driver.open(layer, writable=True)
-        copied, done, total = 0, 0, sum(n for _, n, _ in runs) or 1
         try:
-            for start, length, kind in runs:
-                pos, end = start, start + length
-                while pos < end:
-                    n = min(PIECE, end - pos)
-                    if kind == DATA:
-                        below.write(pos, top.read(pos, n))
-                        copied += n
-                    else:
-                        below.zero(pos, n)
-                    pos += n
-                    done += n
-                    if progress is not None:
-                        progress.advance(done / total)
-            below.flush()
+            return _copy_runs(runs, top, below, progress)
         finally:
             below.close()
-        return copied
     finally:
         top.close()
 

@@ -204,20 +204,34 @@ class VdiService:
             new_uuid,
         )
 
-    async def _cbt_successors(self, row: Row) -> list[Row]:
+    async def _cbt_successors(self, row: Row, check_writers: bool = True) -> list[Row]:
         """The versions whose epoch follows the one of `row`, which is going away: its log
-        is merged into theirs first (a crash after this leaves extra bits, never fewer)."""
+        is merged into theirs first (a crash after this leaves extra bits, never fewer).
+        `check_writers`: VDI_IN_USE if an import holds a successor's log open."""
         successors = await self.db.fetchall("SELECT * FROM vdis WHERE cbt_prev = ?", row["uuid"])
         log = await self._log(row)
         bitmap = await files.in_thread(cbt.load, log, row["virtual_size"])
         for successor in successors:
-            self.check_not_written(successor)  # its import holds its log open
+            if check_writers:
+                self.check_not_written(successor)
             if bitmap is not None:
                 await files.in_thread(
                     cbt.merge_into, await self._log(successor), bitmap, successor["virtual_size"]
                 )
         await files.in_thread(cbt.remove, log)
         return successors
+
+    @staticmethod
+    async def _pass_epoch(tx: Executor, row: Row, successors: list[Row]) -> None:
+        """The successors take over the epoch of `row`, which goes: they follow what it
+        followed, and are complete only if it was."""
+        for successor in successors:
+            await tx.execute(
+                "UPDATE vdis SET cbt_prev = ?, cbt_complete = ? WHERE uuid = ?",
+                row["cbt_prev"],
+                int(bool(successor["cbt_complete"] and row["cbt_complete"])),
+                successor["uuid"],
+            )
 
     async def unlink_merged(self, layer: Row, child: Row) -> None:
         """Coalescing merged `layer` into its only `child`, whose file now holds both: the
@@ -226,21 +240,8 @@ class VdiService:
         snapshot's record stays, with no data and no parent. Idempotent (a restart may
         finish a switch that a crash interrupted)."""
         successors = []
-        if layer["hidden"]:
-            successors = await self.db.fetchall(
-                "SELECT * FROM vdis WHERE cbt_prev = ?", layer["uuid"]
-            )
-            log = await self._log(layer)
-            bitmap = await files.in_thread(cbt.load, log, layer["virtual_size"])
-            for successor in successors:
-                if bitmap is not None:
-                    await files.in_thread(
-                        cbt.merge_into,
-                        await self._log(successor),
-                        bitmap,
-                        successor["virtual_size"],
-                    )
-            await files.in_thread(cbt.remove, log)
+        if layer["hidden"]:  # (the merge holds or froze its successors: no writer to check)
+            successors = await self._cbt_successors(layer, check_writers=False)
         async with self.db.transaction() as tx:
             current = await self._hold_row(tx, layer["uuid"])
             moved = await tx.execute(
@@ -254,13 +255,7 @@ class VdiService:
                     "INTERNAL_ERROR",
                     f"VDI {child['uuid']} no longer reads through {layer['uuid']}",
                 )
-            for successor in successors:
-                await tx.execute(
-                    "UPDATE vdis SET cbt_prev = ?, cbt_complete = ? WHERE uuid = ?",
-                    layer["cbt_prev"],
-                    int(bool(successor["cbt_complete"] and layer["cbt_complete"])),
-                    successor["uuid"],
-                )
+            await self._pass_epoch(tx, layer, successors)
             if layer["hidden"]:
                 await tx.execute("DELETE FROM vdis WHERE uuid = ?", layer["uuid"])
             else:
@@ -387,13 +382,7 @@ class VdiService:
             if await self._readers(tx, row["uuid"]):  # an export began since ensure_free
                 raise _being_exported(row["uuid"])
             await self.events.record("vdi", row["uuid"], "del", ref=row["ref"], db=tx)
-            for successor in successors:  # they take over this version's epoch
-                await tx.execute(
-                    "UPDATE vdis SET cbt_prev = ?, cbt_complete = ? WHERE uuid = ?",
-                    row["cbt_prev"],
-                    int(bool(successor["cbt_complete"] and row["cbt_complete"])),
-                    successor["uuid"],
-                )
+            await self._pass_epoch(tx, row, successors)
             current: Row | None = row
             while current is not None:
                 if await tx.fetchone(
@@ -754,29 +743,29 @@ class VdiService:
         content does not change, so neither does the generation (nor the ETags). False if a
         client holds the VDI now."""
         try:
-            return await self._hold_for_merge(vdi_uuid, task_uuid, give_way)
+            async with self.db.transaction() as tx:
+                row = await self._hold_row(tx, vdi_uuid)
+                if row["locked_by"]:
+                    return False
+                await tx.execute(
+                    "UPDATE vdis SET locked_by = ? WHERE uuid = ?", task_uuid, vdi_uuid
+                )
+                self._yielding[vdi_uuid] = (task_uuid, give_way)  # before a client can see it
         except BaseException:
-            if self._yielding.get(vdi_uuid, ("",))[0] == task_uuid:
-                del self._yielding[vdi_uuid]
+            self._forget_hold(vdi_uuid, task_uuid)
             raise
-
-    async def _hold_for_merge(
-        self, vdi_uuid: str, task_uuid: str, give_way: Callable[[], Awaitable[None]]
-    ) -> bool:
-        async with self.db.transaction() as tx:
-            row = await self._hold_row(tx, vdi_uuid)
-            if row["locked_by"]:
-                return False
-            await tx.execute("UPDATE vdis SET locked_by = ? WHERE uuid = ?", task_uuid, vdi_uuid)
-            self._yielding[vdi_uuid] = (task_uuid, give_way)  # before a client can see it
         return True
 
     async def release_merge(self, vdi_uuid: str, task_uuid: str) -> None:
         try:
             await self.unlock(vdi_uuid, task_uuid)
         finally:
-            if self._yielding.get(vdi_uuid, ("",))[0] == task_uuid:
-                del self._yielding[vdi_uuid]
+            self._forget_hold(vdi_uuid, task_uuid)
+
+    def _forget_hold(self, vdi_uuid: str, task_uuid: str) -> None:
+        held = self._yielding.get(vdi_uuid)
+        if held is not None and held[0] == task_uuid:
+            del self._yielding[vdi_uuid]
 
     async def unlock(self, vdi_uuid: str, task_uuid: str) -> None:
         await self.db.execute(
