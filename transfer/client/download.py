@@ -17,11 +17,9 @@ import time
 import urllib.parse
 from dataclasses import dataclass
 
-from transfer.client.http import Api, ClientError, error_of
+from transfer.client.http import BACKOFF_MAX, RETRYABLE, Api, ClientError, error_of
 from transfer.client.progress import Progress
 
-RETRYABLE = {"CONNECTION", "HOST_OFFLINE", "SERVICE_UNAVAILABLE", "TOO_MANY_TRANSFERS"}
-BACKOFF_MAX = 15.0
 PIECE = 64 << 20  # bytes one connection asks for at a time, when there are several
 
 
@@ -82,11 +80,7 @@ class Download:
         raw = "/export_raw_vdi?" + urllib.parse.urlencode({"vdi": self.vdi, "format": "raw"})
         # The version whose extents are read: every range asked later must be of it (the
         # ranges come from the whole disk's raw export; with --base, the extents say which).
-        head = self.api.request("HEAD", raw)
-        if head.status != 200:
-            raise error_of(head)
-        head.read()
-        self.etag = head.headers.get("etag")
+        self._pin(raw)
         query = f"?base={urllib.parse.quote(self.base)}" if self.base else ""
         extents = self.api.call("GET", f"/vdis/{self.vdi}/extents{query}")
         flags = os.O_WRONLY | (0 if self.base else os.O_CREAT | os.O_TRUNC)
@@ -117,12 +111,7 @@ class Download:
             fd = os.open(self.out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
             if self.connections > 1 and self.out != "-":
-                head = self.api.request("HEAD", self._query())
-                if head.status != 200:
-                    raise error_of(head)
-                head.read()
-                self.etag = head.headers.get("etag")
-                length = int(head.headers["content-length"])
+                length = self._pin(self._query())
                 os.ftruncate(fd, length)
                 self.progress.total = length
                 self._fetch_all(self._query(), fd, [(0, length)])
@@ -130,6 +119,15 @@ class Download:
                 self._fetch(self._query(), fd, 0, None, sequential=self.out == "-")
         finally:
             os.close(fd)
+
+    def _pin(self, target: str) -> int:
+        """HEAD: the ETag every later range must match (If-Range), and the length."""
+        head = self.api.request("HEAD", target)
+        if head.status != 200:
+            raise error_of(head)
+        head.read()
+        self.etag = head.headers.get("etag")
+        return int(head.headers["content-length"])
 
     def _fetch_all(self, target: str, fd: int, ranges: list[tuple[int, int]]) -> None:
         """The ranges, over `connections` connections at once: cut into pieces of at most

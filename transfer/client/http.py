@@ -16,6 +16,10 @@ import urllib.parse
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
+# Errors after which a transfer tries again (the server restarting, busy, or out of reach),
+# waiting BACKOFF_MAX seconds at most between tries.
+RETRYABLE = frozenset({"CONNECTION", "HOST_OFFLINE", "SERVICE_UNAVAILABLE", "TOO_MANY_TRANSFERS"})
+BACKOFF_MAX = 15.0
 CONTINUE_WAIT = 60.0  # seconds to wait for 100 Continue (the server checks first)
 MAX_REDIRECTS = 3
 TIMEOUT = 120.0  # seconds a socket operation may take

@@ -117,7 +117,6 @@ class Plain:
     fd: int
     size: int | None  # None: a pipe
     head: bytes = b""  # bytes of a pipe already read (to detect its format)
-    sent_head: bool = False
 
     def stream(self, skip: int = 0) -> Iterator[tuple[bytes, int]]:
         if self.size is None:  # a pipe: only ever from the start

@@ -16,12 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from formats.detect import HEAD, TAIL, UNSUPPORTED_HINT, Detected, detect
-from transfer.client.http import Api, ClientError, error_of
+from transfer.client.http import BACKOFF_MAX, RETRYABLE, Api, ClientError, error_of
 from transfer.client.progress import Progress
 from transfer.client.source import FramedRaw, Plain, data_runs, merge
-
-RETRYABLE = {"CONNECTION", "HOST_OFFLINE", "SERVICE_UNAVAILABLE", "TOO_MANY_TRANSFERS"}
-BACKOFF_MAX = 15.0  # seconds between attempts, at most
 
 
 @dataclass
@@ -128,13 +125,13 @@ class Upload:
 
     def run(self) -> Result:
         started = time.monotonic()
-        self._new_task("")
-        answer = self._send_with_retries(self._first)
+        self._new_task()
+        answer = self._send_with_retries()
         self.progress.set(self.source.size or self.progress.done)
         self.progress.close()
         return Result(answer["vdi"], self.task, self.sent, time.monotonic() - started)
 
-    def _new_task(self, _previous: str) -> None:
+    def _new_task(self) -> None:
         """A task for the upload, and the PUT's target naming it."""
         name = Path(self.source.name).name if self.source.size is not None else "stdin"
         task = self.api.call("POST", "/tasks", {"name_label": f"upload {name}"[:255]})
@@ -156,22 +153,21 @@ class Upload:
             self.progress.set(disk_position)
             yield data
 
-    def _send_with_retries(self, first: str) -> dict:
+    def _send_with_retries(self) -> dict:
         """PUT, then PATCHes at the server's offset after each break, until an answer."""
         deadline = time.monotonic() + self.retry_for
         delay = 1.0
         resume_at: int | None = None  # None: the PUT has not reached the server yet
         while True:
             try:
-                response = self._attempt(first, resume_at)
+                response = self._attempt(resume_at)
                 if response.status == 200:
                     return response.json()
                 error = error_of(response)
                 if error.code not in RETRYABLE:
                     raise error
                 if resume_at is None:  # refused before a byte: its task failed with it
-                    self._new_task(first)
-                    first = self._first
+                    self._new_task()
             except ClientError as exc:
                 if exc.code not in RETRYABLE:
                     raise
@@ -200,9 +196,9 @@ class Upload:
                 return {"vdi": self.api.call("GET", f"/tasks/{self.task}")["vdi"]}
             delay = 1.0
 
-    def _attempt(self, first: str, resume_at: int | None):
+    def _attempt(self, resume_at: int | None):
         if resume_at is None:
-            return self.api.request("PUT", first, self._pieces(0))
+            return self.api.request("PUT", self._first, self._pieces(0))
         headers = {
             "Upload-Offset": str(resume_at),
             "Upload-Complete": "?1",
