@@ -68,6 +68,8 @@ class ImportParams:
     content_range: tuple[int, int | None, int | None] | None = None  # start, end, total
     complete: bool = True  # Upload-Complete: ?0 makes this request one segment of the upload
     announced: bool = False  # the client speaks the resumable-upload draft: resumable too
+    parts: int | None = None  # an upload in parts over several connections (transfer/parts.py)
+    part: int | None = None  # which of them this request sends
 
     @property
     def resumable(self) -> bool:
@@ -178,6 +180,11 @@ async def _plan_resume(svc: Services, params: ImportParams) -> Plan:
         )
     if not task["resumable"]:
         raise bad_request(f"task {task['uuid']} is not a resumable upload")
+    if task["upload_parts"] is not None:
+        raise bad_request(
+            f"task {task['uuid']} is an upload in {task['upload_parts']} parts: send a part "
+            "that did not arrive again, whole (part=, parts=)"
+        )
     if task["running"]:
         raise ApiError(
             "VDI_IN_USE",
@@ -311,31 +318,12 @@ class Import(Operation):
         return received
 
     async def _sr_full(self) -> ApiError:
-        """The SR ran out of space: SR_FULL (507), after freeing the database's reserve if
-        it shares the SR's filesystem, so the task's end can still be written."""
-        sr_path = Path(self.sr["path"])
-        freed = await in_thread(reserve.give_up, self.svc.config.state_dir, sr_path)
         transfer = self.transfer
         assert transfer is not None
-        event(
-            log,
-            "import.sr_full",
-            logging.ERROR,
-            task=transfer.task,
-            vdi=self.target_uuid,
-            sr=self.sr["uuid"],
-            bytes=transfer.bytes,
-            written=self._applier.written,
-            reserve_freed=freed,
-        )
-        return ApiError(
-            "SR_FULL",
-            f"SR {self.sr['name_label']!r} ({self.sr['uuid']}) ran out of space after "
-            f"{transfer.bytes} bytes of the body had arrived ({self._applier.written} bytes "
-            f"written to VDI {self.target_uuid})",
-            self.sr["uuid"],
+        return await sr_full(
+            self.svc, self.sr, transfer.task, self.target_uuid, transfer.bytes,
             self._applier.written,
-        )
+        )  # fmt: skip
 
     async def abandon(self, why: BaseException) -> None:
         """After a failed or cancelled import has ended its task: remove a VDI the import
@@ -392,7 +380,7 @@ class Import(Operation):
         except FormatError as exc:
             raise ApiError("IMAGE_INVALID", str(exc)) from None
         except (ConnectionError, EOFError) as exc:
-            raise _short_body(self.bytes, self.expected, exc) from None
+            raise short_body(self.bytes, self.expected, exc) from None
         assert self.vdi is not None
         await self.svc.vdis.bump_generation(self.vdi["uuid"])
         if self.params.complete and self.transfer.resumable:
@@ -472,7 +460,7 @@ class Import(Operation):
                 on_idle=on_idle,
             )
             if self.expected is not None and received != self.expected:
-                raise _short_body(received, self.expected)
+                raise short_body(received, self.expected)
             if not self.params.complete:
                 await on_applied(received - self.skip, True)  # a segment ends durable
                 return transfer.bytes
@@ -560,29 +548,8 @@ class Import(Operation):
         )
 
     async def _open_target(self) -> Target:
-        """A raw VDI's file is the disk: written directly. Any other through its chain.
-        With changed block tracking on, every write is logged ahead (transfer/cbt.py)."""
         assert self.vdi is not None
-        vdi = await self.svc.vdis.get(self.vdi["uuid"])  # as it is under our lock
-        target: Target
-        if vdi["image_format"] == RAW.name:
-            target = await in_thread(RawFile.open, await self.svc.vdis.path(vdi))
-        else:
-            files = await self.svc.vdis.chain_files(vdi)
-            chain = await in_thread(functools.partial(layers.open_chain, files, writable=True))
-            target = ChainTop(chain)
-        if not vdi["cbt_enabled"]:
-            return target
-        log = cbt.path_of(await self.svc.vdis.path(vdi), vdi["uuid"])
-        if not await in_thread(log.exists):  # lost (a crash while it changed hands)
-            await self.svc.db.execute(
-                "UPDATE vdis SET cbt_complete = 0 WHERE uuid = ?", vdi["uuid"]
-            )
-        try:
-            return await in_thread(cbt.TrackedTarget, target, log, vdi["virtual_size"])
-        except BaseException:
-            await in_thread(target.close)
-            raise
+        return await open_target(self.svc, self.vdi["uuid"])
 
     def runtime_format(self) -> str:
         """How a VDI created by an import is stored: the configured mapping from the upload's
@@ -597,6 +564,55 @@ class Import(Operation):
         return await self.svc.vdis.create(
             self.sr, self.params.name_label or DEFAULT_NAME, size, self.runtime_format()
         )
+
+
+async def open_target(svc: Services, vdi_uuid: str) -> Target:
+    """A raw VDI's file is the disk: written directly. Any other through its chain.
+    With changed block tracking on, every write is logged ahead (transfer/cbt.py)."""
+    vdi = await svc.vdis.get(vdi_uuid)  # as it is under the writer's lock
+    target: Target
+    if vdi["image_format"] == RAW.name:
+        target = await in_thread(RawFile.open, await svc.vdis.path(vdi))
+    else:
+        files = await svc.vdis.chain_files(vdi)
+        chain = await in_thread(functools.partial(layers.open_chain, files, writable=True))
+        target = ChainTop(chain)
+    if not vdi["cbt_enabled"]:
+        return target
+    log = cbt.path_of(await svc.vdis.path(vdi), vdi["uuid"])
+    if not await in_thread(log.exists):  # lost (a crash while it changed hands)
+        await svc.db.execute("UPDATE vdis SET cbt_complete = 0 WHERE uuid = ?", vdi["uuid"])
+    try:
+        return await in_thread(cbt.TrackedTarget, target, log, vdi["virtual_size"])
+    except BaseException:
+        await in_thread(target.close)
+        raise
+
+
+async def sr_full(
+    svc: Services, sr: Row, task: str, vdi: str | None, received: int, written: int
+) -> ApiError:
+    """The SR ran out of space: SR_FULL (507), after freeing the database's reserve if it
+    shares the SR's filesystem, so the task's end can still be written."""
+    freed = await in_thread(reserve.give_up, svc.config.state_dir, Path(sr["path"]))
+    event(
+        log,
+        "import.sr_full",
+        logging.ERROR,
+        task=task,
+        vdi=vdi,
+        sr=sr["uuid"],
+        bytes=received,
+        written=written,
+        reserve_freed=freed,
+    )
+    return ApiError(
+        "SR_FULL",
+        f"SR {sr['name_label']!r} ({sr['uuid']}) ran out of space after {received} bytes of "
+        f"the body had arrived ({written} bytes written to VDI {vdi})",
+        sr["uuid"],
+        written,
+    )
 
 
 async def cancel_upload(svc: Services, task: str) -> None:
@@ -625,7 +641,8 @@ def _too_small(declared: int, size: int) -> ApiError:
     )
 
 
-def _short_body(received: int, expected: int | None, cause: BaseException | None = None):
+def short_body(received: int, expected: int | None, cause: BaseException | None = None):
+    """The client stopped sending before the body's end: the upload can go on later."""
     of = f" of {expected}" if expected is not None else ""
     why = f" ({cause})" if cause and str(cause) else ""
     return ClientGone(
