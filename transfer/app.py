@@ -36,6 +36,7 @@ from transfer.hosts import HostService, load_or_create_host_uuid
 from transfer.limits import Pacing, TransferSlots
 from transfer.logs import redact_query
 from transfer.metrics import Metrics
+from transfer.parts import PartedUploads
 from transfer.pipeline import Budget
 from transfer.services import SERVICES, Services
 from transfer.srs import SrService
@@ -130,7 +131,7 @@ async def open_services(config: Config) -> Services:
     tasks.on_ended = metrics.task_ended
     upload_budget = Budget(config.upload_budget)
     metrics.watch_upload_buffer(lambda: upload_budget.used, upload_budget.limit)
-    return Services(
+    svc = Services(
         config=config,
         db=db,
         hosts=hosts,
@@ -145,6 +146,8 @@ async def open_services(config: Config) -> Services:
         slots=TransferSlots(config.max_transfers, config.max_user_transfers),
         pacing=Pacing(config.idle_timeout, config.min_rate_bytes, config.rate_window),
     )
+    svc.parted = PartedUploads(svc)
+    return svc
 
 
 async def _every(seconds: float, what: str, job: Callable[[], Awaitable[object]]) -> None:
@@ -251,6 +254,8 @@ def create_app(config: Config) -> web.Application:
                 task.cancel()
             await asyncio.gather(*loops, return_exceptions=True)
             await svc.tasks.abort_all(SHUTTING_DOWN)
+            if svc.parted is not None:
+                await svc.parted.wait_closed()
             await svc.db.close()
             event(log, "server.stopped", host=svc.hosts.uuid)
 

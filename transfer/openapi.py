@@ -108,6 +108,8 @@ SCHEMAS: dict[str, dict] = {
         bytes_transferred={"type": "integer", "minimum": 0},
         upload_offset={"type": ["integer", "null"]},
         upload_active={"type": ["boolean", "null"]},
+        upload_parts={"type": ["integer", "null"], "minimum": 1},
+        upload_parts_done={"type": ["array", "null"], "items": {"type": "integer"}},
         vdi=NULLABLE_UUID,
         owner={"type": ["string", "null"]},
     ),
@@ -276,11 +278,17 @@ IMPORT_PARAMETERS = [
     _query("task_id", "a task to report into; makes the upload resumable"),
     _query("virtual_size", "the size of a new VDI (raw uploads of unknown length)"),
     _query("name_label", "the name of a new VDI"),
+    _query(
+        "parts",
+        "an upload in parts over several connections: how many (with task_id=, vdi=, chunked)",
+        {"type": "integer", "minimum": 1, "maximum": 16},
+    ),
+    _query("part", "which part this request sends, from 0", {"type": "integer", "minimum": 0}),
 ]
 IMPORT = _op(
     "Import a disk into a VDI (XAPI's import_raw_vdi)",
     {
-        "200": _json("the upload is complete", _ref("ImportResult")),
+        "200": _json("the upload is complete (or, with parts=, this part)", _ref("ImportResult")),
         "204": {"description": "a part of a resumable upload arrived (Upload-Offset)"},
     },
     [
@@ -294,6 +302,7 @@ IMPORT = _op(
         "FORMAT_UNSUPPORTED",
         "IMAGE_INVALID",
         "SR_FULL",
+        "OTHER_OPERATION_IN_PROGRESS",
     ],
     role="operator",
     parameters=IMPORT_PARAMETERS,

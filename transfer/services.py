@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -18,6 +19,9 @@ from transfer.pipeline import Budget
 from transfer.srs import SrService
 from transfer.tasks import TaskManager
 from transfer.vdis import VdiService
+
+if TYPE_CHECKING:
+    from transfer.parts import PartedUploads  # (it imports the operations, which import us)
 
 
 @dataclass
@@ -37,6 +41,7 @@ class Services:
     metrics: Metrics  # what GET /metrics shows
     slots: TransferSlots  # how many transfers may run at once (--max-transfers)
     pacing: Pacing  # how slow a transfer's body may be (--idle-timeout, --min-rate)
+    parted: PartedUploads | None = None  # uploads in parts running here (set by the app)
 
 
 SERVICES = web.AppKey("services", Services)

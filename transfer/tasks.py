@@ -53,10 +53,17 @@ class Transfer:
     progress: float = 0.0
     abort_error: list[str] | None = None  # why we cancelled it, if not the client's cancel
     resumable: bool = False  # an upload that may continue: a disconnect suspends it
+    members: set[asyncio.Task] = field(default_factory=set)  # a parted upload's connections
     cancel_sent: bool = False  # its asyncio task was cancelled once; never twice
     written: tuple[int, float] = (0, 0.0)  # bytes and progress last written to the database
     written_at: float = field(default_factory=time.monotonic)
     started: float = field(default_factory=time.monotonic)
+
+    def cancel_work(self) -> None:
+        """Cancel what runs the transfer: its request's asyncio task, or each part's."""
+        for task in [self.aio_task, *self.members]:
+            if task is not None:
+                task.cancel()
 
 
 class Operation:
@@ -74,6 +81,13 @@ class Operation:
         """The task's OpaqueRef, as XAPI's task-id header carries it."""
         assert self.transfer is not None
         return self.transfer.ref
+
+
+def parts_done(row: Row) -> list[int] | None:
+    """The parts of a parted upload (transfer/parts.py) that are durable, in order."""
+    if row["upload_parts"] is None:
+        return None
+    return sorted(json.loads(row["upload_parts_done"] or "[]"))
 
 
 class TaskManager:
@@ -141,6 +155,8 @@ class TaskManager:
             "bytes_transferred": live.bytes if running else row["bytes_transferred"],
             "upload_offset": row["upload_offset"] if row["resumable"] else None,
             "upload_active": bool(row["running"]) if row["resumable"] else None,
+            "upload_parts": row["upload_parts"],
+            "upload_parts_done": parts_done(row),
             "vdi": row["vdi"],
             "owner": row["owner"],
         }
@@ -218,9 +234,9 @@ class TaskManager:
 
     @staticmethod
     def _stop(transfer: Transfer) -> None:
-        if transfer.aio_task is not None and not transfer.cancel_sent:
+        if not transfer.cancel_sent:
             transfer.cancel_sent = True
-            transfer.aio_task.cancel()
+            transfer.cancel_work()
 
     async def watch(self) -> None:
         """Every CANCEL_POLL while transfers run here: progress that has not reached the
@@ -323,6 +339,31 @@ class TaskManager:
             transfer.task,
         )
 
+    async def make_parted(self, transfer: Transfer, parts: int) -> None:
+        """This upload comes in `parts` parts (transfer/parts.py); it waits, like a resumable
+        upload, while none is being sent."""
+        transfer.resumable = True
+        await self.db.execute(
+            "UPDATE tasks SET resumable = 1, upload_format = 'raw', upload_chunked = 1, "
+            "upload_parts = ?, last_activity = ? WHERE uuid = ?",
+            parts,
+            time.time(),
+            transfer.task,
+        )
+
+    async def record_parts(self, transfer: Transfer, done: list[int]) -> None:
+        """These parts of a parted upload are durable."""
+        async with self.db.transaction() as tx:
+            await tx.execute(
+                "UPDATE tasks SET upload_parts_done = ?, last_activity = ?, bytes_transferred = ? "
+                "WHERE uuid = ?",
+                json.dumps(done),
+                time.time(),
+                transfer.bytes,
+                transfer.task,
+            )
+            await self.events.record("task", transfer.task, db=tx)
+
     async def checkpoint(self, transfer: Transfer, offset: int) -> None:
         """`offset` stream bytes are durable (data and decoder state): Upload-Offset."""
         await self.db.execute(
@@ -384,6 +425,10 @@ class TaskManager:
     async def fail(self, transfer: Transfer, error_info: list[str]) -> None:
         await self._end(transfer, "failure", error_info)
 
+    async def end_cancelled(self, transfer: Transfer) -> None:
+        """The client cancelled the transfer's task, and the transfer stopped."""
+        await self._end(transfer, "cancelled", ["CANCELLED"])
+
     async def set_progress(self, task_uuid: str, progress: float) -> None:
         """Progress of work that runs under a task without a transfer (a merge)."""
         async with self.db.transaction() as tx:
@@ -425,7 +470,7 @@ class TaskManager:
             elif transfer.abort_error is not None:
                 await asyncio.shield(self.fail(transfer, transfer.abort_error))
             else:
-                await asyncio.shield(self._end(transfer, "cancelled", ["CANCELLED"]))
+                await asyncio.shield(self.end_cancelled(transfer))
             raise
         except ApiError as exc:
             if transfer.resumable and isinstance(exc, ClientGone):
@@ -583,8 +628,7 @@ class TaskManager:
         transfers = list(self.running.values())
         for transfer in transfers:
             transfer.abort_error = error_info
-            if transfer.aio_task is not None:
-                transfer.aio_task.cancel()
+            transfer.cancel_work()
         # Transfers whose handler is gone (or never reacts) are failed here directly.
         await asyncio.sleep(0)
         for transfer in transfers:

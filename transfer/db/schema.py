@@ -178,6 +178,15 @@ MIGRATIONS: list[tuple[int, list[Statement]]] = [
             "ALTER TABLE vdis ADD COLUMN merging_into TEXT",
         ],
     ),
+    (
+        10,
+        [
+            # An upload sent as parts over several connections (transfer/parts.py): how many
+            # parts it has, and those durable so far (a JSON list of their numbers).
+            "ALTER TABLE tasks ADD COLUMN upload_parts INTEGER",
+            "ALTER TABLE tasks ADD COLUMN upload_parts_done TEXT",
+        ],
+    ),
 ]
 
 

@@ -18,13 +18,13 @@ from auth.middleware import PRINCIPAL, accepts_ticket, requires
 from common.errors import ApiError, bad_request
 from common.logfields import LOG_FIELDS
 from formats.registry import EXPORT_FORMATS, UPLOAD_FORMATS
-from transfer import checksums, exports, imports, pool
+from transfer import checksums, exports, imports, parts, pool
 from transfer.handlers.common import choose_format, json_response
 from transfer.handlers.errors import error_response
 from transfer.handlers.streams import RequestBody, ResponseSink, send_interim
 from transfer.limits import Pace
 from transfer.ranges import requested_range
-from transfer.services import services
+from transfer.services import Services, services
 
 
 def param(request: web.Request, name: str) -> str | None:
@@ -82,8 +82,22 @@ async def import_raw_vdi(request: web.Request) -> web.StreamResponse:
             complete=_upload_complete(request, default=True),
             # Upload-Complete on an import: the client speaks the resumable-upload draft.
             announced="Upload-Complete" in request.headers,
+            parts=_count(request, "parts"),
+            part=_count(request, "part"),
         )
+    if params.parts is not None:
+        return await _import_part(request, params)
     return await _import(request, params)
+
+
+def _count(request: web.Request, name: str) -> int | None:
+    """A whole number parameter, in ASCII digits."""
+    value = param(request, name)
+    if value is None:
+        return None
+    if not (value.isascii() and value.isdigit()) or len(value) > 6:
+        raise bad_request(f"{name}= must be a whole number, not {value!r}")
+    return int(value)
 
 
 async def _import(request: web.Request, params: imports.ImportParams) -> web.StreamResponse:
@@ -122,21 +136,11 @@ async def _import_in(
         Pace(svc.pacing, "the upload"),
     )
 
-    async def go_ahead() -> None:
-        """Every check passed and the task runs: now the client may send its body."""
-        body.take_over()
-        version = request.headers.get("Upload-Draft-Interop-Version", "").strip()
-        if params.announced and version in INTEROP_VERSIONS:
-            # 104 (Upload Resumption Supported): the client learns the resource early.
-            interim = {"Location": headers["Location"], "Upload-Draft-Interop-Version": version}
-            await send_interim(request, "104 Upload Resumption Supported", interim)
-        expect = request.headers.get("Expect", "").lower() == "100-continue"
-        if expect and request.version >= (1, 1):
-            await send_interim(request, "100 Continue", {})
-
     try:
         with svc.metrics.in_flight.labels("import").track_inprogress():
-            received = await op.run(body, go_ahead)
+            received = await op.run(
+                body, functools.partial(_go_ahead, request, body, params, headers)
+            )
     except ApiError as exc:
         log_fields["error"] = exc.code
         response = error_response(exc, headers)
@@ -156,6 +160,56 @@ async def _import_in(
         {"task": op.task, "task_ref": op.task_ref, "vdi": op.target_uuid, "bytes": received},
         headers=headers,
     )
+
+
+async def _import_part(request: web.Request, params: imports.ImportParams) -> web.StreamResponse:
+    """One part of an upload sent over several connections at once (transfer/parts.py)."""
+    svc = services(request)
+    log_fields = request[LOG_FIELDS]
+    assert svc.parted is not None
+    with contextlib.ExitStack() as slot:
+        async with _failing_given_task(request, params.task_id):
+            _refuse_encodings(request)
+            parts.check(params)
+            await pool.route(request, "import", *await parts.placement(svc, params))
+            slot.enter_context(svc.slots.take(request[PRINCIPAL].username))
+            part = await svc.parted.join(params, request[PRINCIPAL], _content_length(request))
+        log_fields.update(vdi=part.vdi, task=part.task, part=part.number)
+        headers = {"task-id": part.task_ref}
+        body = RequestBody(
+            request,
+            functools.partial(svc.metrics.moved, "import", params.format),
+            Pace(svc.pacing, "the upload"),
+        )
+        try:
+            with svc.metrics.in_flight.labels("import").track_inprogress():
+                answer = await part.run(
+                    body, functools.partial(_go_ahead, request, body, params, headers)
+                )
+        except ApiError as exc:
+            log_fields["error"] = exc.code
+            response = error_response(exc, headers)
+            response.force_close()  # the rest of the body, if any, is not wanted
+            return response
+        finally:
+            body.close()
+            log_fields["bytes_in"] = body.received
+        return json_response(answer, headers=headers)
+
+
+async def _go_ahead(
+    request: web.Request, body: RequestBody, params: imports.ImportParams, headers: dict
+) -> None:
+    """Every check passed and the task runs: now the client may send its body."""
+    body.take_over()
+    version = request.headers.get("Upload-Draft-Interop-Version", "").strip()
+    if params.announced and version in INTEROP_VERSIONS:
+        # 104 (Upload Resumption Supported): the client learns the resource early.
+        interim = {"Location": headers["Location"], "Upload-Draft-Interop-Version": version}
+        await send_interim(request, "104 Upload Resumption Supported", interim)
+    expect = request.headers.get("Expect", "").lower() == "100-continue"
+    if expect and request.version >= (1, 1):
+        await send_interim(request, "100 Continue", {})
 
 
 @contextlib.asynccontextmanager
@@ -439,6 +493,12 @@ async def checksum(request: web.Request) -> web.Response:
 MAX_READERS = 8  # connections a client may read one VDI with (Range), as ovirt-imageio says
 
 
+def _per_user(svc: Services, most: int) -> int:
+    """Connections one client may use at once: `most`, within the per-user limit."""
+    per_user = svc.config.max_user_transfers
+    return min(most, per_user) if per_user else most
+
+
 @requires("reader")
 async def import_options(request: web.Request) -> web.Response:
     """OPTIONS /import_raw_vdi: what an upload may use, for clients that adapt (how many
@@ -446,8 +506,8 @@ async def import_options(request: web.Request) -> web.Response:
     return json_response(
         {
             "formats": list(UPLOAD_FORMATS),
-            "max_writers": 1,
-            "features": ["chunked", "resumable", "content-range", "upload-resource"],
+            "max_writers": _per_user(services(request), parts.MAX_PARTS),
+            "features": ["chunked", "resumable", "content-range", "upload-resource", "parts"],
         },
         headers={"Allow": "OPTIONS, PUT, HEAD"},
     )
@@ -457,13 +517,10 @@ async def import_options(request: web.Request) -> web.Response:
 async def export_options(request: web.Request) -> web.Response:
     """OPTIONS /export_raw_vdi: what a download may use: several connections reading
     ranges of one VDI at once, the formats, and incremental exports."""
-    svc = services(request)
-    per_user = svc.config.max_user_transfers
-    readers = min(MAX_READERS, per_user) if per_user else MAX_READERS
     return json_response(
         {
             "formats": list(EXPORT_FORMATS),
-            "max_readers": readers,
+            "max_readers": _per_user(services(request), MAX_READERS),
             "features": ["range", "if-range", "chunked", "base", "extents", "checksum"],
         },
         headers={"Allow": "OPTIONS, GET, HEAD"},
