@@ -14,6 +14,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import ADMIN_PASSWORD, ServerProcess
 from tests.rawclient import api, export_to
 
@@ -128,7 +130,9 @@ def test_the_format_comes_from_the_content_not_the_name(server, tmp_path):
     assert compared.returncode == 0, compared.stdout
 
 
-def test_the_upload_waits_for_a_server_killed_midway(tmp_path):
+@pytest.mark.parametrize("connections", [1, 3])
+def test_the_upload_waits_for_a_server_killed_midway(tmp_path, connections):
+    """One stream goes on at the durable offset; parts that broke off are sent again."""
     state = tmp_path / "state"
     srv = ServerProcess(state).start()
     try:
@@ -140,7 +144,7 @@ def test_the_upload_waits_for_a_server_killed_midway(tmp_path):
                 f.write(block[i % 7 :] + block[: i % 7])
         client = subprocess.Popen(
             [sys.executable, "-m", "transfer", "upload", str(disk), "--sr", local_sr(srv.url),
-             "--json"],
+             "--json", "--connections", str(connections)],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
         deadline = time.monotonic() + 30
@@ -156,7 +160,7 @@ def test_the_upload_waits_for_a_server_killed_midway(tmp_path):
         srv.start()  # the same state dir and port
         out, err = client.communicate(timeout=300)
         assert client.returncode == 0, err
-        assert "trying again" in err
+        assert ("trying again" if connections == 1 else "sending it again") in err
         result = json.loads(out)
         assert sha(export_to(srv.url, result["vdi"], tmp_path / "got.raw")) == sha(disk)
         assert api(f"{srv.url}/tasks/{result['task']}")[1]["status"] == "success"
@@ -247,6 +251,10 @@ def test_several_connections_give_the_same_bytes(server, tmp_path):
     disk = sparse_file(tmp_path / "disk.raw", size, chunks)
     result = json.loads(cli(env, "upload", str(disk), "--sr", local_sr(server.url), "--json",
                             "--connections", "4").stdout)  # fmt: skip
+    # the upload went as four parts at once, under one task
+    upload = api(f"{server.url}/tasks/{result['task']}")[1]
+    assert upload["upload_parts"] == 4 and upload["upload_parts_done"] == [0, 1, 2, 3]
+    assert upload["status"] == "success" and result["bytes_sent"] < 120 * MiB
     out = tmp_path / "four.raw"
     got = cli(env, "download", result["vdi"], "-o", str(out), "--connections", "4", "--json")
     assert got.returncode == 0, got.stderr
@@ -266,7 +274,13 @@ def test_several_connections_give_the_same_bytes(server, tmp_path):
     _, options = api_options(server.url, "/export_raw_vdi")
     assert options["max_readers"] >= 4 and "vhd" in options["formats"]
     _, options = api_options(server.url, "/import_raw_vdi")
-    assert options["max_writers"] >= 1 and "qcow2" in options["formats"]
+    assert options["max_writers"] >= 4 and "qcow2" in options["formats"]
+    assert "parts" in options["features"]
+    # over an existing VDI in parts: where the new file has holes, the old data goes
+    other = sparse_file(tmp_path / "other.raw", size, [(50 * MiB, os.urandom(3 * MiB + 1))])
+    again = cli(env, "upload", str(other), "--vdi", result["vdi"], "--connections", "3", "-q")
+    assert again.returncode == 0, again.stderr
+    assert sha(export_to(server.url, result["vdi"], tmp_path / "again.raw")) == sha(other)
 
 
 def api_options(url: str, path: str):

@@ -203,10 +203,13 @@ def _upload(args: argparse.Namespace) -> int:
         size = args.new_size or (source.size if fmt == "raw" else None)
         if size is not None:
             target["virtual_size"] = str(size)
-    _connections(api, "/import_raw_vdi", "max_writers", args.connections)
+    connections = _connections(api, "/import_raw_vdi", "max_writers", args.connections)
     label = f"upload {os.path.basename(args.file) if args.file != '-' else 'stdin'}"
     progress = Progress(label, source.size, quiet=args.quiet)
-    upload = Upload(api, source, fmt, target, progress, args.retry_for)
+    upload = Upload(api, source, fmt, target, progress, args.retry_for, connections)
+    if connections > 1 and not upload.parted:
+        print("vdi-transfer: only a raw file goes over several connections: this upload "
+              "uses one", file=sys.stderr)  # fmt: skip
     try:
         result = upload.run()
     except KeyboardInterrupt:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from formats.detect import HEAD, TAIL, UNSUPPORTED_HINT, Detected, detect
 from transfer.client.http import BACKOFF_MAX, RETRYABLE, Api, ClientError, error_of
+from transfer.client.parted import PartedUpload
 from transfer.client.progress import Progress
 from transfer.client.source import FramedRaw, Plain, data_runs, merge
 
@@ -96,11 +97,14 @@ class Upload:
     """One upload, from the first request to the task's success."""
 
     def __init__(self, api: Api, source: Opened, fmt: str, target: dict[str, str],
-                 progress: Progress, retry_for: float):  # fmt: skip
+                 progress: Progress, retry_for: float, connections: int = 1):  # fmt: skip
         self.api, self.source, self.fmt = api, source, fmt
         self.target = target  # vdi=... or sr=... (and name_label=, virtual_size=)
         self.progress = progress
         self.retry_for = retry_for
+        self.connections = connections
+        self.created = ""  # a VDI made for an upload in parts, removed if it fails
+        self._cancelled = False
         self.sent = 0
         self.task = ""
         self.body = self._body()
@@ -123,13 +127,61 @@ class Upload:
         return [(e["start"], min(e["length"], size - e["start"]))
                 for e in extents if not e["zero"] and e["start"] < size]  # fmt: skip
 
+    @property
+    def parted(self) -> bool:
+        """Several connections: only raw data in chunk framing can go in parts."""
+        return self.connections > 1 and isinstance(self.body, FramedRaw)
+
     def run(self) -> Result:
         started = time.monotonic()
+        if self.parted:
+            return self._run_parted(started)
         self._new_task()
         answer = self._send_with_retries()
         self.progress.set(self.source.size or self.progress.done)
         self.progress.close()
         return Result(answer["vdi"], self.task, self.sent, time.monotonic() - started)
+
+    def _run_parted(self, started: float) -> Result:
+        """Into the VDI (made first, for --sr), under one task, in parts at once."""
+        name = Path(self.source.name).name
+        vdi = self.target.get("vdi")
+        if not vdi:
+            spec = {
+                "sr": self.target["sr"],
+                "virtual_size": int(self.target["virtual_size"]),
+                "name_label": self.target.get("name_label", name),
+            }
+            vdi = self.created = self.api.call("POST", "/vdis", spec)["uuid"]
+        try:
+            task = self.api.call("POST", "/tasks", {"name_label": f"upload {name}"[:255]})
+            self.task = task["uuid"]
+            assert isinstance(self.body, FramedRaw)
+            parted = PartedUpload(self.api, self.task, vdi, self.body, self.connections,
+                                  self.progress, self.retry_for)  # fmt: skip
+            try:
+                parted.run()
+            finally:
+                self.sent = parted.sent
+        except BaseException:
+            self.cancel()
+            self._remove_created()
+            raise
+        self.progress.close()
+        return Result(vdi, self.task, self.sent, time.monotonic() - started)
+
+    def _remove_created(self) -> None:
+        """The VDI made for a failed upload goes, once its task has let go of it."""
+        if not self.created:
+            return
+        for _ in range(50):
+            try:
+                self.api.call("DELETE", f"/vdis/{self.created}", ok=(200, 204))
+                return
+            except ClientError as exc:
+                if exc.code != "VDI_IN_USE":
+                    return
+                time.sleep(0.2)
 
     def _new_task(self) -> None:
         """A task for the upload, and the PUT's target naming it."""
@@ -143,7 +195,8 @@ class Upload:
 
     def cancel(self) -> None:
         """Ctrl-C: the task ends cancelled (not left pending for a resume that never comes)."""
-        if self.task:
+        if self.task and not self._cancelled:
+            self._cancelled = True
             with contextlib.suppress(ClientError):
                 self.api.call("POST", f"/tasks/{self.task}/cancel", None, ok=(200,))
 
