@@ -10,7 +10,8 @@ import asyncio
 import contextlib
 import functools
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
 
 from aiohttp import web
 
@@ -59,6 +60,7 @@ def _content_length(request: web.Request) -> int | None:
 # -- import --------------------------------------------------------------------------------
 
 
+T = TypeVar("T")
 INTEROP_VERSIONS = ("9",)  # Upload-Draft-Interop-Version values we answer with a 104
 
 
@@ -130,25 +132,9 @@ async def _import_in(
     if params.resumable:
         headers["Location"] = f"/uploads/{op.task}"
 
-    body = RequestBody(
-        request,
-        functools.partial(svc.metrics.moved, "import", params.format),
-        Pace(svc.pacing, "the upload"),
-    )
-
-    try:
-        with svc.metrics.in_flight.labels("import").track_inprogress():
-            received = await op.run(
-                body, functools.partial(_go_ahead, request, body, params, headers)
-            )
-    except ApiError as exc:
-        log_fields["error"] = exc.code
-        response = error_response(exc, headers)
-        response.force_close()  # the rest of the body, if any, is not wanted
-        return response
-    finally:
-        body.close()
-        log_fields["bytes_in"] = body.received
+    received = await _with_body(request, params, headers, op.run)
+    if isinstance(received, web.StreamResponse):
+        return received
     log_fields["vdi"] = op.target_uuid
     if not params.complete:
         return web.Response(
@@ -176,25 +162,39 @@ async def _import_part(request: web.Request, params: imports.ImportParams) -> we
             part = await svc.parted.join(params, request[PRINCIPAL], _content_length(request))
         log_fields.update(vdi=part.vdi, task=part.task, part=part.number)
         headers = {"task-id": part.task_ref}
-        body = RequestBody(
-            request,
-            functools.partial(svc.metrics.moved, "import", params.format),
-            Pace(svc.pacing, "the upload"),
-        )
-        try:
-            with svc.metrics.in_flight.labels("import").track_inprogress():
-                answer = await part.run(
-                    body, functools.partial(_go_ahead, request, body, params, headers)
-                )
-        except ApiError as exc:
-            log_fields["error"] = exc.code
-            response = error_response(exc, headers)
-            response.force_close()  # the rest of the body, if any, is not wanted
-            return response
-        finally:
-            body.close()
-            log_fields["bytes_in"] = body.received
-        return json_response(answer, headers=headers)
+        answer = await _with_body(request, params, headers, part.run)
+    if isinstance(answer, web.StreamResponse):
+        return answer
+    return json_response(answer, headers=headers)
+
+
+async def _with_body(
+    request: web.Request,
+    params: imports.ImportParams,
+    headers: dict,
+    run: Callable[[RequestBody, Callable[[], Awaitable[None]]], Awaitable[T]],
+) -> T | web.StreamResponse:
+    """`run` (an import, or a part of one) given the body, counted, paced and tracked; an
+    ApiError becomes the answer, and the connection closes (the rest of the body, if any,
+    is not wanted)."""
+    svc = services(request)
+    log_fields = request[LOG_FIELDS]
+    body = RequestBody(
+        request,
+        functools.partial(svc.metrics.moved, "import", params.format),
+        Pace(svc.pacing, "the upload"),
+    )
+    try:
+        with svc.metrics.in_flight.labels("import").track_inprogress():
+            return await run(body, functools.partial(_go_ahead, request, body, params, headers))
+    except ApiError as exc:
+        log_fields["error"] = exc.code
+        response = error_response(exc, headers)
+        response.force_close()
+        return response
+    finally:
+        body.close()
+        log_fields["bytes_in"] = body.received
 
 
 async def _go_ahead(
