@@ -696,3 +696,15 @@ def test_the_client_follows_redirects_to_the_owner(pool, tmp_path):
     got = client("download", vdi["uuid"], "-o", str(out), "-q", "--connections", "2")
     assert got.returncode == 0, got.stderr
     assert out.read_bytes() == src.read_bytes()
+    # in parts: every part is redirected to the owner, and runs there under one task
+    with src.open("r+b") as f:
+        f.seek(20 * MiB)
+        f.write(os.urandom(5 * MiB))
+    sent = client("upload", str(src), "--vdi", vdi["uuid"], "--json", "-q", "--connections", "3")
+    assert sent.returncode == 0, sent.stderr
+    task_id = json.loads(sent.stdout)["task"]
+    _, row = api(f"{owner.url}/tasks/{task_id}")
+    assert row["upload_parts_done"] == [0, 1, 2] and row["status"] == "success"
+    got = client("download", vdi["uuid"], "-o", str(out), "-q")
+    assert got.returncode == 0, got.stderr
+    assert out.read_bytes() == src.read_bytes()
