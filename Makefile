@@ -22,7 +22,7 @@ test: $(STAMP)
 # Each part prints its figures; bench fails if any part missed a target, after running all.
 bench: $(STAMP)
 	@status=0; \
-	for part in versus_imageio convert chains; do \
+	for part in versus_imageio convert chains latency; do \
 		$(BIN)/python tests/bench/$$part.py || status=1; \
 	done; \
 	exit $$status
