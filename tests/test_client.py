@@ -197,6 +197,39 @@ def test_ctrl_c_cancels_the_upload_task(server, tmp_path):
     assert row["error_info"][0] == "CANCELLED"
 
 
+def test_ctrl_c_cancels_an_upload_in_parts(server, tmp_path):
+    """Every part stops, the task ends cancelled (not left cancelling, nor pending), and the
+    VDI the client made for the upload goes."""
+    env = env_for(server, tmp_path)
+    disk = tmp_path / "big.raw"
+    with disk.open("wb") as f:
+        block = os.urandom(MiB)
+        for i in range(768):
+            f.write(block[i % 7 :] + block[: i % 7])
+    before = {v["uuid"] for v in api(f"{server.url}/vdis")[1]}
+    client = subprocess.Popen(
+        [sys.executable, "-m", "transfer", "upload", str(disk), "--sr", local_sr(server.url),
+         "--connections", "3"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    deadline = time.monotonic() + 30
+    while True:
+        ups = [t for t in api(f"{server.url}/tasks")[1] if t["name_label"] == "upload big.raw"]
+        if ups and ups[0]["bytes_transferred"] > 0:
+            break
+        assert time.monotonic() < deadline and client.poll() is None, "the upload did not start"
+        time.sleep(0.02)
+    client.send_signal(signal.SIGINT)
+    _, err = client.communicate(timeout=60)
+    assert client.returncode == 130, err
+    deadline = time.monotonic() + 10
+    while (row := api(f"{server.url}/tasks/{ups[0]['uuid']}")[1])["status"] != "cancelled":
+        assert time.monotonic() < deadline, row
+        time.sleep(0.1)
+    assert row["error_info"] == ["CANCELLED"] and row["upload_parts"] == 3
+    assert {v["uuid"] for v in api(f"{server.url}/vdis")[1]} == before
+
+
 def test_remote_records_and_login(server, tmp_path):
     env = env_for(server, tmp_path)
     made = cli(env, "vdi", "create", "--size", "16M", "--name-label", "remote", "--json")

@@ -198,3 +198,24 @@ async def test_shutdown_fails_running_transfers(aiohttp_client, config):
     task = await get_task(client, transfer.task)
     assert task["status"] == "failure"
     assert task["error_info"] == ["INTERNAL_ERROR", "server shutting down"]
+
+
+async def test_a_break_that_meets_a_cancel_ends_the_upload_cancelled(client):
+    """A resumable upload cut off while its cancel is under way (the task `cancelling`) is
+    not suspended: nobody will continue it, and it must not stay `cancelling` for ever."""
+    svc = svc_of(client)
+    task = await new_task(client)
+    transfer = await svc.tasks.begin(task["uuid"], "upload", "admin", None)
+    transfer.resumable = True
+    transfer.aio_task = None  # the cancel finds nothing to stop: the break comes first
+    await svc.tasks.cancel(task["uuid"])
+    assert (await get_task(client, task["uuid"]))["status"] == "cancelling"
+    await svc.tasks.suspend(transfer, "the client went away")
+    row = await get_task(client, task["uuid"])
+    assert row["status"] == "cancelled" and row["error_info"] == ["CANCELLED"]
+    # and a plain break is still a suspension
+    other = await new_task(client)
+    transfer = await svc.tasks.begin(other["uuid"], "upload", "admin", None)
+    transfer.resumable = True
+    await svc.tasks.suspend(transfer, "the client went away")
+    assert (await get_task(client, other["uuid"]))["status"] == "pending"

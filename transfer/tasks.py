@@ -215,15 +215,19 @@ class TaskManager:
         task_uuid = row["uuid"]
         if row["status"] in FINISHED or row["status"] == "cancelling":
             return row
-        if await self._transition(task_uuid, "cancelled", ["CANCELLED"], where_running=0):
-            return await self.get(task_uuid)
-        async with self.db.transaction() as tx:
-            cancelling = await tx.execute(
-                "UPDATE tasks SET status = 'cancelling' WHERE uuid = ? AND status = 'pending'",
-                task_uuid,
-            )
+        for _ in range(3):  # a transfer may let go (a suspended upload) between the two
+            if await self._transition(task_uuid, "cancelled", ["CANCELLED"], where_running=0):
+                return await self.get(task_uuid)
+            async with self.db.transaction() as tx:
+                cancelling = await tx.execute(
+                    "UPDATE tasks SET status = 'cancelling' WHERE uuid = ? "
+                    "AND status = 'pending' AND running = 1",
+                    task_uuid,
+                )
+                if cancelling:
+                    await self.events.record("task", task_uuid, db=tx)
             if cancelling:
-                await self.events.record("task", task_uuid, db=tx)
+                break
         if cancelling:
             event(log, "task.transition", task=task_uuid, status="cancelling", vdi=row["vdi"])
         transfer = self.running.get(task_uuid)
@@ -377,16 +381,30 @@ class TaskManager:
 
     async def suspend(self, transfer: Transfer, why: str) -> None:
         """A resumable upload stopped before its end: the task stays pending with its
-        Upload-Offset, and the VDI is free for the next writer (or the resumed upload)."""
+        Upload-Offset, and the VDI is free for the next writer (or the resumed upload). If a
+        cancel met the break (the task is `cancelling`), the upload will not go on: the task
+        ends cancelled."""
         if self.running.pop(transfer.task, None) is None:
             return
-        await self.db.execute(
-            "UPDATE tasks SET running = 0, last_activity = ? WHERE uuid = ? "
-            "AND status IN ('pending', 'cancelling')",
-            time.time(),
-            transfer.task,
-        )
-        await self.db.execute("UPDATE vdis SET locked_by = NULL WHERE locked_by = ?", transfer.task)
+        async with self.db.transaction() as tx:
+            await tx.execute(
+                "UPDATE tasks SET running = 0, last_activity = ? WHERE uuid = ? "
+                "AND status = 'pending'",
+                time.time(),
+                transfer.task,
+            )
+            cancelled = await self._transition(
+                transfer.task,
+                "cancelled",
+                ["CANCELLED"],
+                nbytes=transfer.bytes,
+                from_status=("cancelling",),
+                db=tx,
+            )
+            await tx.execute("UPDATE vdis SET locked_by = NULL WHERE locked_by = ?", transfer.task)
+        if cancelled:
+            event(log, "task.finished", task=transfer.task, vdi=transfer.vdi, status="cancelled")
+            return
         event(
             log,
             "task.suspended",
@@ -527,14 +545,17 @@ class TaskManager:
         progress: float | None = None,
         nbytes: int | None = None,
         where_running: int | None = None,
+        from_status: tuple[str, ...] = ("pending", "cancelling"),
         db: Executor | None = None,
     ) -> bool:
-        """Move an unfinished task to a final status; False if it was not in a state to.
-        `db`: a transaction to do it in (default: a statement of its own)."""
+        """Move an unfinished task (in one of `from_status`) to a final status; False if it
+        was not in a state to. `db`: a transaction to do it in (default: a statement of its
+        own)."""
+        assert set(from_status) <= {"pending", "cancelling"}
         sql = (
             "UPDATE tasks SET status = ?, error_info = ?, result = ?, finished = ?, running = 0, "
             "progress = COALESCE(?, progress), bytes_transferred = COALESCE(?, bytes_transferred) "
-            "WHERE uuid = ? AND status IN ('pending', 'cancelling')"
+            f"WHERE uuid = ? AND status IN ({', '.join(repr(s) for s in from_status)})"
         )
         args: list[object] = [
             status,
@@ -558,6 +579,7 @@ class TaskManager:
                     progress=progress,
                     nbytes=nbytes,
                     where_running=where_running,
+                    from_status=from_status,
                     db=tx,
                 )
         changed = await db.execute(sql, *args)
