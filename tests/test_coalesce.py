@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -218,11 +219,22 @@ def test_a_clone_base_merges_into_the_live_vdi(server, tmp_path, fmt):
     qemu_check(server.state_dir, fmt)
 
 
+@pytest.fixture
+def slow_merges(tmp_path):
+    """A server whose merges copy 64 MiB/s (coalesce_rate): a 256 MiB merge takes 4 s, so a
+    write is sure to come in the middle of one."""
+    srv = ServerProcess(tmp_path / "state", env={"VDIT_COALESCE_RATE": "64M"}).start()
+    yield srv
+    if srv.proc and srv.proc.poll() is None:
+        srv.stop()
+
+
 @pytest.mark.parametrize("fmt", ["vhd", "qcow2"])
-def test_a_write_stops_a_merge_into_the_live_vdi(server, tmp_path, fmt):
+def test_a_write_stops_a_merge_into_the_live_vdi(slow_merges, tmp_path, fmt):
     """A merge into the live VDI holds it, but gives way: an import that comes meanwhile
     succeeds at once (the merge ends cancelled, and runs again later), and an export reads
     through it. The bytes are the import's over what was there."""
+    server = slow_merges
     url, size = server.url, 512 * MiB
     _, vdi = api(f"{url}/vdis", "POST", {"virtual_size": size, "image_format": fmt})
     v = vdi["uuid"]
@@ -255,5 +267,11 @@ def test_a_write_stops_a_merge_into_the_live_vdi(server, tmp_path, fmt):
     assert merges.count("success") == 1 and set(merges) == {"success", "cancelled"}, merges
     server.stop()
     assert "vdi.coalesce_gave_way" in server.logs()
+    # the merge that ran to its end kept to coalesce_rate: 64 MiB/s
+    done = [ln for ln in server.logs().splitlines() if "event=vdi.coalesced" in ln]
+    copied, took = (
+        float(re.search(rf"{k}=([0-9.]+)", done[-1]).group(1)) for k in ("bytes", "duration")
+    )
+    assert copied / took <= 64 * MiB * 1.1, done[-1]
     verify(server.state_dir, v)
     qemu_check(server.state_dir, fmt)

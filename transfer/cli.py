@@ -58,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     limits.add_argument("--rate-window", type=float, help="seconds --min-rate averages over")
     limits.add_argument("--max-header-size", type=int, help="bytes of a header line (8190)")
     limits.add_argument("--max-json-body", help="bytes of a JSON request body (1M)")
+    limits.add_argument("--coalesce-rate", help="bytes/s background merges may copy, e.g. 100M")
     serve.add_argument("--log-format", choices=["logfmt", "json"])
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
 

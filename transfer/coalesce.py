@@ -70,14 +70,24 @@ class Progress:
     """What a copy in a worker thread shares with the event loop: how far it is (for the
     task) and whether to stop (a client wants the VDI)."""
 
-    def __init__(self) -> None:
+    def __init__(self, rate: int = 0) -> None:
         self.fraction = 0.0
         self.stop = threading.Event()
+        self.rate = rate  # bytes/s the copy may move (coalesce_rate); 0: no limit
+        self._moved = 0
+        self._started = time.monotonic()
 
-    def advance(self, fraction: float) -> None:
+    def advance(self, fraction: float, moved: int = 0) -> None:
+        """Blocking: the copy is `fraction` done, `moved` bytes further; held back to the
+        rate if there is one (a give-way ends the wait at once)."""
         if self.stop.is_set():
             raise GaveWay
         self.fraction = fraction
+        if self.rate and moved:
+            self._moved += moved
+            ahead = self._moved / self.rate - (time.monotonic() - self._started)
+            if ahead > 0 and self.stop.wait(ahead):
+                raise GaveWay
 
 
 async def candidates(svc: Services) -> list[tuple[Row, Row]]:
@@ -120,7 +130,7 @@ def _copy_runs(runs, source, dest, progress: Progress | None) -> int:
             pos += n
             done += n
             if progress is not None:
-                progress.advance(done / total)
+                progress.advance(done / total, n if kind == DATA else 0)
     dest.flush()
     return copied
 
@@ -233,7 +243,7 @@ class Coalescer:
         task = await svc.tasks.create(
             f"coalesce {layer['uuid']} into {child['uuid']}", None, child["uuid"], running=True
         )
-        progress = Progress()
+        progress = Progress(svc.config.coalesce_rate_bytes)
         live = not child["read_only"]
         released = asyncio.Event()
 

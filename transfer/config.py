@@ -59,6 +59,9 @@ class Config:
     rate_window: float = 60.0
     max_header_size: int = 8190
     max_json_body: str = "1M"
+    # Bytes/s a background merge of layers (coalescing) may copy; empty: as fast as the disk
+    # goes. Merges then leave more of the disk's bandwidth to transfers.
+    coalesce_rate: str = ""
     config: Path | None = None
     image_mapping: dict[str, str] = field(default_factory=dict, repr=False)  # derived
 
@@ -76,6 +79,10 @@ class Config:
     @property
     def min_rate_bytes(self) -> int:
         return parse_size(self.min_rate, "min_rate") if self.min_rate else 0
+
+    @property
+    def coalesce_rate_bytes(self) -> int:
+        return parse_size(self.coalesce_rate, "coalesce_rate") if self.coalesce_rate else 0
 
     @property
     def max_json_body_bytes(self) -> int:
@@ -198,6 +205,7 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"max_header_size: {cfg.max_header_size} is less than 1024 bytes")
     try:
         cfg.min_rate_bytes  # noqa: B018 (parsed: an error names the key)
+        cfg.coalesce_rate_bytes  # noqa: B018
         if cfg.max_json_body_bytes < 4096:
             raise ConfigError(f"max_json_body: {cfg.max_json_body!r} is less than 4 KiB")
     except ApiError as exc:
