@@ -140,7 +140,14 @@ class Part:
                 raise asyncio.CancelledError
             await ready()
             await self._receive(body)
-            return await group.part_done(self)
+            # Recording the part (and maybe ending the task) is not cut short by a cancel:
+            # that waits for it, then ends the task as it finds it.
+            finishing = asyncio.ensure_future(group.part_done(self))
+            try:
+                return await asyncio.shield(finishing)
+            except asyncio.CancelledError:
+                await asyncio.wait([finishing])
+                raise
         except asyncio.CancelledError:
             await asyncio.shield(group.part_stopped(self, None))
             raise
@@ -226,8 +233,17 @@ class Group:
         async with self._finishing:
             assert self.target is not None
             await in_thread(self.target.flush)
-            self.done.add(part.number)
             self._leave(part)
+            if self.ended:  # another part failed the upload meanwhile, or it was cancelled
+                self._close_if_idle()
+                raise ApiError(
+                    "BAD_REQUEST",
+                    f"the upload of task {transfer.task} ended while part {part.number} "
+                    "arrived: its task says why",
+                    transfer.task,
+                    status=410,
+                )
+            self.done.add(part.number)
             await svc.tasks.record_parts(transfer, sorted(self.done))
             complete = len(self.done) == self.parts
             event(
