@@ -190,6 +190,28 @@ def test_a_reader_that_takes_nothing_is_cut_and_writers_go_ahead(tmp_path, stopp
     assert drained_to_the_end(held)
 
 
+def test_slow_readers_do_not_hold_up_the_server(tmp_path, stopper):
+    """Twelve readers that take nothing (a slow WAN, with the default limits: none cut yet)
+    each hold a sending thread; an upload and the other requests go on meanwhile."""
+    srv = start(tmp_path).start()
+    stopper(srv)
+    url = srv.url
+    vdi = filled_vdi(url, tmp_path)
+    held = [stalled_export(url, vdi) for _ in range(12)]
+    other = create_vdi(url, 8 * MiB)["uuid"]
+    body = tmp_path / "w.raw"
+    body.write_bytes(os.urandom(8 * MiB))
+    started = time.monotonic()
+    status, _, err = curl_upload(
+        f"{url}/import_raw_vdi?vdi={other}", "-T", str(body), "--max-time", "20"
+    )
+    assert status == 200, err
+    assert time.monotonic() - started < 10
+    assert api(f"{url}/vdis/{other}/checksum")[0] == 200  # file work off the loop, too
+    for req in held:
+        req.close()
+
+
 def test_a_reader_below_the_minimum_rate_is_cut(tmp_path, stopper):
     srv = start(tmp_path, min_rate="64M", rate_window="2").start()
     stopper(srv)

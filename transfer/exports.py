@@ -13,6 +13,7 @@ reading the disk, and the chunk-framed variant carries only the data extents. Th
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import functools
 import logging
@@ -43,6 +44,19 @@ log = logging.getLogger("vdi_transfer.export")
 READ_SIZE = 4 << 20  # bytes per disk read (and per piece) when the body is not sendfile'd
 TICK = 0.5  # seconds between counts of bytes a sendfile thread has sent
 SENDFILE_SLICE = 64 << 20  # bytes per worker-thread call
+# A sendfile thread waits for a slow client's socket to take its slice: that can take
+# minutes. They get a pool of their own, so that slow readers never hold the threads disk
+# work and the pipeline need (the loop's default pool has cpus + 4: six stalled downloads
+# froze every upload, file operation and new export here). Threads are made as needed.
+SENDER_THREADS = 512
+_senders: concurrent.futures.ThreadPoolExecutor | None = None
+
+
+def _sender_pool() -> concurrent.futures.ThreadPoolExecutor:
+    global _senders
+    if _senders is None:
+        _senders = concurrent.futures.ThreadPoolExecutor(SENDER_THREADS, "vdit-send")
+    return _senders
 _ZEROS = memoryview(bytes(READ_SIZE))
 
 
@@ -160,7 +174,7 @@ class Export(Operation):
                 if not group:
                     return sent[0]
                 future = loop.run_in_executor(
-                    None, _sendfile_blocks, sock_fd, self.chain, group, stop, sent
+                    _sender_pool(), _sendfile_blocks, sock_fd, self.chain, group, stop, sent
                 )
                 try:
                     # Bytes count as they leave (metrics, the task), also while a slow
