@@ -171,11 +171,13 @@ class Download:
                 if end is None and self.progress.total is None:
                     length = response.headers.get("content-length")
                     self.progress.total = int(length) + pos if length else None
+                writeback = _Writeback(fd) if not sequential else None
                 for chunk in response.stream():
-                    if sequential:
+                    if writeback is None:
                         _write_all(fd, chunk)
                     else:
                         _pwrite_all(fd, chunk, pos)
+                        writeback.wrote(pos, len(chunk))
                     pos += len(chunk)
                     with self._lock:
                         self.received += len(chunk)
@@ -193,6 +195,34 @@ class Download:
                 self.progress.note(f"{exc}: going on from byte {pos} in {delay:.0f} s")
                 time.sleep(delay)
                 delay = min(delay * 2, BACKOFF_MAX)
+
+
+class _Writeback:
+    """Keeps few of a download's pages dirty or cached, as the server's raw target does:
+    writeback of each RUN starts at once, and the run before it is waited for and dropped.
+    Unbounded, dirty pages piled up until the kernel throttled every writer."""
+
+    RUN = 8 << 20
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        self.start = self.end = 0
+        self.last: tuple[int, int] | None = None
+
+    def wrote(self, offset: int, length: int) -> None:
+        from formats import linux
+
+        if offset != self.end:
+            self.start = offset
+        self.end = offset + length
+        if self.end - self.start < self.RUN:
+            return
+        linux.start_writeback(self.fd, self.start, self.end - self.start)
+        if self.last is not None:
+            linux.finish_writeback(self.fd, *self.last)
+            linux.drop_cached(self.fd, *self.last)
+        self.last = (self.start, self.end - self.start)
+        self.start = self.end
 
 
 def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
