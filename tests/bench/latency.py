@@ -1,6 +1,9 @@
 """`make bench`, latency part: uploads and downloads over a link with a round trip of RTT
 (50 ms by default), with one connection and with several (`vdi-transfer upload|download
---connections N`), each upload into a NEW VDI, rounds interleaved. Medians of RUNS rounds.
+--connections N`), each upload into a NEW VDI, side by side with ovirt-imageio's own client
+(`ovirt_imageio.client.upload|download(..., max_workers=N)`, raw) against its daemon, each
+upload into a new file, over the same kind of link. Rounds interleaved, the order
+alternating; medians of RUNS rounds.
 
 This machine has no netem (its kernel lacks sch_netem), so the link is a proxy on loopback
 that holds every byte for RTT/2 each way and lets a connection have at most WINDOW bytes
@@ -26,6 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from tests.bench.versus_imageio import Imageio, install_imageio
 from tests.conftest import ADMIN_PASSWORD, ServerProcess, free_port
 
 GiB, MiB = 1 << 30, 1 << 20
@@ -127,49 +131,94 @@ def cli(url: str, *args: str) -> dict:
     return json.loads(result.stdout) if result.stdout.strip() else {}
 
 
+def timed(fn) -> float:
+    subprocess.run(["sync"], check=True)
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def peer_client(python: str, call: str) -> None:
+    """ovirt-imageio's client library, in its own venv's python."""
+    subprocess.run(
+        [python, "-c", f"from ovirt_imageio import client; client.{call}"],
+        check=True,
+        capture_output=True,
+    )
+
+
 def main() -> int:
+    binary = install_imageio()
+    python = str(binary.parent / "python")
     with tempfile.TemporaryDirectory(prefix="vdit-latency-") as tmp:
         where = Path(tmp)
         disk = where / "disk.raw"
+        out = where / "out.raw"
         with disk.open("wb") as f:
             block = os.urandom(8 * MiB)
             for _ in range(SIZE // len(block)):
                 f.write(block)
         srv = ServerProcess(where / "state").start()
-        link = DelayLink(srv.port)
-        url = f"http://127.0.0.1:{link.port}"
+        peer = Imageio(binary, where / "imageio", None)
+        url = f"http://127.0.0.1:{DelayLink(srv.port).port}"
+        peer_port = DelayLink(peer.port).port
         sr = cli(url, "sr", "list")[0]["uuid"]
-        up: dict[int, list[float]] = {n: [] for n in CONNECTIONS}
-        down: dict[int, list[float]] = {n: [] for n in CONNECTIONS}
+        times: dict[tuple[str, str, int], list[float]] = collections.defaultdict(list)
+
+        def ours(n: int) -> None:
+            got: dict = {}
+            each = ("--connections", str(n), "-q")
+
+            def up() -> None:
+                got.update(cli(url, "upload", str(disk), "--sr", sr, *each))
+
+            def down() -> None:
+                cli(url, "download", got["vdi"], "-o", str(out), *each)
+
+            times["ours", "upload", n].append(timed(up))
+            times["ours", "download", n].append(timed(down))
+            if out.stat().st_size != SIZE:
+                raise RuntimeError("the download is not the disk's size")
+            out.unlink()
+            cli(url, "vdi", "delete", got["vdi"])
+
+        def imageio(n: int) -> None:
+            target = peer.target(SIZE).replace(f":{peer.port}/", f":{peer_port}/")
+
+            def up() -> None:
+                peer_client(python, f"upload({str(disk)!r}, {target!r}, None, max_workers={n})")
+
+            def down() -> None:
+                args = f"{target!r}, {str(out)!r}, None, fmt='raw', max_workers={n}"
+                peer_client(python, f"download({args})")
+
+            times["imageio", "upload", n].append(timed(up))
+            times["imageio", "download", n].append(timed(down))
+            out.unlink()
+            peer.forget()
+
         try:
             for r in range(RUNS):
-                order = CONNECTIONS if r % 2 == 0 else tuple(reversed(CONNECTIONS))
-                for n in order:
-                    t0 = time.perf_counter()
-                    got = cli(url, "upload", str(disk), "--sr", sr, "--connections", str(n), "-q")
-                    up[n].append(time.perf_counter() - t0)
-                    out = where / "out.raw"
-                    t0 = time.perf_counter()
-                    cli(url, "download", got["vdi"], "-o", str(out), "--connections", str(n), "-q")
-                    down[n].append(time.perf_counter() - t0)
-                    if out.stat().st_size != SIZE:
-                        raise RuntimeError("the download is not the disk's size")
-                    out.unlink()
-                    cli(url, "vdi", "delete", got["vdi"])
+                for n in CONNECTIONS if r % 2 == 0 else tuple(reversed(CONNECTIONS)):
+                    for side in (ours, imageio) if r % 2 == 0 else (imageio, ours):
+                        side(n)
         finally:
             srv.stop()
+            peer.stop()
         print(
             f"\nlatency: {SIZE // MiB} MiB over a {RTT * 1000:.0f} ms round trip, "
             f"{WINDOW // MiB} MiB window per connection (medians of {RUNS})"
         )
-        one_up, one_down = statistics.median(up[1]), statistics.median(down[1])
-        for n in CONNECTIONS:
-            u, d = statistics.median(up[n]), statistics.median(down[n])
-            print(
-                f"  {n} connection(s): upload {u:6.2f} s ({SIZE / MiB / u:6.1f} MiB/s, "
-                f"{one_up / u:4.2f}x one), download {d:6.2f} s ({SIZE / MiB / d:6.1f} MiB/s, "
-                f"{one_down / d:4.2f}x one)"
-            )
+        for what in ("upload", "download"):
+            one = statistics.median(times["ours", what, 1])
+            for n in CONNECTIONS:
+                o = statistics.median(times["ours", what, n])
+                p = statistics.median(times["imageio", what, n])
+                print(
+                    f"  {what:8} {n} connection(s): ours {o:6.2f} s ({SIZE / MiB / o:6.1f} "
+                    f"MiB/s, {one / o:4.2f}x our one), imageio {p:6.2f} s, ours/imageio "
+                    f"{o / p:4.2f}x"
+                )
     return 0
 
 
