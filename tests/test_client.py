@@ -180,21 +180,28 @@ def test_ctrl_c_cancels_the_upload_task(server, tmp_path):
     assert client.stdin is not None
     client.stdin.write(os.urandom(8 * MiB))  # and then nothing: a slow producer
     client.stdin.flush()
+    row = interrupt_once_sending(server, client, "upload stdin")
+    assert row["error_info"][0] == "CANCELLED"
+
+
+def interrupt_once_sending(server, client: subprocess.Popen, name: str) -> dict:
+    """Ctrl-C once the upload's task has bytes; the client exits 130; the task once it
+    has ended cancelled."""
     deadline = time.monotonic() + 30
     while True:
-        ups = [t for t in api(f"{server.url}/tasks")[1] if t["name_label"] == "upload stdin"]
+        ups = [t for t in api(f"{server.url}/tasks")[1] if t["name_label"] == name]
         if ups and ups[0]["bytes_transferred"] > 0:
             break
-        assert time.monotonic() < deadline, "the upload did not start"
-        time.sleep(0.05)
+        assert time.monotonic() < deadline and client.poll() is None, "the upload did not start"
+        time.sleep(0.02)
     client.send_signal(signal.SIGINT)
-    _, err = client.communicate(timeout=30)
+    _, err = client.communicate(timeout=60)
     assert client.returncode == 130, err
     deadline = time.monotonic() + 10
     while (row := api(f"{server.url}/tasks/{ups[0]['uuid']}")[1])["status"] != "cancelled":
         assert time.monotonic() < deadline, row
         time.sleep(0.1)
-    assert row["error_info"][0] == "CANCELLED"
+    return row
 
 
 def test_ctrl_c_cancels_an_upload_in_parts(server, tmp_path):
@@ -212,20 +219,7 @@ def test_ctrl_c_cancels_an_upload_in_parts(server, tmp_path):
          "--connections", "3"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )  # fmt: skip
-    deadline = time.monotonic() + 30
-    while True:
-        ups = [t for t in api(f"{server.url}/tasks")[1] if t["name_label"] == "upload big.raw"]
-        if ups and ups[0]["bytes_transferred"] > 0:
-            break
-        assert time.monotonic() < deadline and client.poll() is None, "the upload did not start"
-        time.sleep(0.02)
-    client.send_signal(signal.SIGINT)
-    _, err = client.communicate(timeout=60)
-    assert client.returncode == 130, err
-    deadline = time.monotonic() + 10
-    while (row := api(f"{server.url}/tasks/{ups[0]['uuid']}")[1])["status"] != "cancelled":
-        assert time.monotonic() < deadline, row
-        time.sleep(0.1)
+    row = interrupt_once_sending(server, client, "upload big.raw")
     assert row["error_info"] == ["CANCELLED"] and row["upload_parts"] == 3
     assert {v["uuid"] for v in api(f"{server.url}/vdis")[1]} == before
 
