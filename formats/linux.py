@@ -62,3 +62,22 @@ def finish_writeback(fd: int, offset: int, length: int) -> None:
 def drop_cached(fd: int, offset: int, length: int) -> None:
     """Drop the range's clean pages from the page cache (a hint: what is dirty stays)."""
     os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
+
+
+class Writeback:
+    """Keeps few of a file's pages dirty or cached while it is written in runs: writeback
+    of each run starts at once, and the run before it is waited for and dropped from the
+    cache. Unbounded, dirty pages pile up until the kernel throttles the writer, and every
+    page is a newly allocated one to copy into."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        self._last: tuple[int, int] | None = None  # the run whose writeback may still run
+
+    def written(self, offset: int, length: int) -> None:
+        """A run was written: at most its pages stay dirty or cached."""
+        start_writeback(self.fd, offset, length)
+        previous, self._last = self._last, (offset, length)
+        if previous is not None:
+            finish_writeback(self.fd, *previous)
+            drop_cached(self.fd, *previous)

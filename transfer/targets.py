@@ -52,21 +52,13 @@ class RawFile:
 
     def __init__(self, fd: int):
         self.fd = fd
-        self._last: tuple[int, int] | None = None  # the run whose writeback may still run
+        self._writeback = linux.Writeback(fd)
 
     @classmethod
     def open(cls, path: os.PathLike | str) -> RawFile:
         return cls(os.open(path, os.O_WRONLY | os.O_CLOEXEC))
 
     def write_run(self, offset: int, parts: Parts, punch: bool) -> int:
-        previous = self._last
-        written = self._write(offset, parts, punch)
-        if previous is not None:  # at most this run's pages are still dirty or cached
-            linux.finish_writeback(self.fd, *previous)
-            linux.drop_cached(self.fd, *previous)
-        return written
-
-    def _write(self, offset: int, parts: Parts, punch: bool) -> int:
         written, end = 0, offset
         for kind, start, item in zero_and_data_runs(offset, parts):
             if kind == "data":
@@ -78,8 +70,7 @@ class RawFile:
                 if punch:
                     self.zero(start, length)
             end = start + length
-        linux.start_writeback(self.fd, offset, end - offset)
-        self._last = (offset, end - offset)
+        self._writeback.written(offset, end - offset)
         return written
 
     def zero(self, offset: int, length: int) -> None:

@@ -198,31 +198,24 @@ class Download:
 
 
 class _Writeback:
-    """Keeps few of a download's pages dirty or cached, as the server's raw target does:
-    writeback of each RUN starts at once, and the run before it is waited for and dropped.
-    Unbounded, dirty pages piled up until the kernel throttled every writer."""
+    """A download's writes gathered into contiguous runs of RUN bytes, each handed to
+    `linux.Writeback` (as the server's raw target does): few pages stay dirty or cached."""
 
     RUN = 8 << 20
 
     def __init__(self, fd: int):
-        self.fd = fd
-        self.start = self.end = 0
-        self.last: tuple[int, int] | None = None
-
-    def wrote(self, offset: int, length: int) -> None:
         from formats import linux
 
+        self.window = linux.Writeback(fd)
+        self.start = self.end = 0
+
+    def wrote(self, offset: int, length: int) -> None:
         if offset != self.end:
             self.start = offset
         self.end = offset + length
-        if self.end - self.start < self.RUN:
-            return
-        linux.start_writeback(self.fd, self.start, self.end - self.start)
-        if self.last is not None:
-            linux.finish_writeback(self.fd, *self.last)
-            linux.drop_cached(self.fd, *self.last)
-        self.last = (self.start, self.end - self.start)
-        self.start = self.end
+        if self.end - self.start >= self.RUN:
+            self.window.written(self.start, self.end - self.start)
+            self.start = self.end
 
 
 def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
