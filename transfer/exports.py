@@ -49,6 +49,7 @@ SENDFILE_SLICE = 64 << 20  # bytes per worker-thread call
 # work and the pipeline need (the loop's default pool has cpus + 4: six stalled downloads
 # froze every upload, file operation and new export here). Threads are made as needed.
 SENDER_THREADS = 512
+_ZEROS = memoryview(bytes(READ_SIZE))
 _senders: concurrent.futures.ThreadPoolExecutor | None = None
 
 
@@ -57,7 +58,6 @@ def _sender_pool() -> concurrent.futures.ThreadPoolExecutor:
     if _senders is None:
         _senders = concurrent.futures.ThreadPoolExecutor(SENDER_THREADS, "vdit-send")
     return _senders
-_ZEROS = memoryview(bytes(READ_SIZE))
 
 
 class Sink(Protocol):
