@@ -165,11 +165,9 @@ async def _plan(svc: Services, params: ImportParams, content_length: int | None)
     return Plan(vdi, sr, size)
 
 
-async def _plan_resume(svc: Services, params: ImportParams) -> Plan:
-    """A PUT with Content-Range continues the upload of its task at the range's start."""
-    if not params.task_id:
-        raise bad_request("Content-Range continues an upload: give its task_id=")
-    task = await svc.tasks.get(params.task_id)
+def check_still_open(task: Row) -> None:
+    """An upload goes on only while its task is pending: 400 once it succeeded, 410 (gone)
+    once it failed or was cancelled."""
     if task["status"] != "pending":
         status = 400 if task["status"] == "success" else 410
         raise ApiError(
@@ -178,6 +176,14 @@ async def _plan_resume(svc: Services, params: ImportParams) -> Plan:
             task["uuid"],
             status=status,
         )
+
+
+async def _plan_resume(svc: Services, params: ImportParams) -> Plan:
+    """A PUT with Content-Range continues the upload of its task at the range's start."""
+    if not params.task_id:
+        raise bad_request("Content-Range continues an upload: give its task_id=")
+    task = await svc.tasks.get(params.task_id)
+    check_still_open(task)
     if not task["resumable"]:
         raise bad_request(f"task {task['uuid']} is not a resumable upload")
     if task["upload_parts"] is not None:

@@ -397,14 +397,7 @@ class PartedUploads:
         """The first part here: claim the task, lock the VDI, open it."""
         svc = self.svc
         assert params.parts is not None and params.vdi is not None
-        if task["status"] != "pending":
-            status = 400 if task["status"] == "success" else 410
-            raise ApiError(
-                "BAD_REQUEST",
-                f"the upload of task {task['uuid']} is {task['status']}",
-                task["uuid"],
-                status=status,
-            )
+        imports.check_still_open(task)
         if task["running"]:
             raise ApiError(
                 "OTHER_OPERATION_IN_PROGRESS",
