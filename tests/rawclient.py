@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
 import socket
 import struct
 import subprocess
@@ -50,6 +51,16 @@ def task(base: str, ident: str) -> dict:
     status, body = api(f"{base}/tasks/{ident}")
     assert status == 200, body
     return body
+
+
+def filled_vdi(url: str, tmp_path: Path, size: int = 64 << 20) -> str:
+    """A VDI holding `size` random bytes (uploaded with curl); its uuid."""
+    vdi = create_vdi(url, size)
+    body = tmp_path / "fill.raw"
+    body.write_bytes(os.urandom(size))
+    status, _, err = curl_upload(f"{url}/import_raw_vdi?vdi={vdi['uuid']}", "-T", str(body))
+    assert status == 200, err
+    return vdi["uuid"]
 
 
 def sha256_file(path: Path, limit: int | None = None) -> str:

@@ -56,6 +56,16 @@ def local_sr(url: str) -> str:
     return api(f"{url}/srs")[1][0]["uuid"]
 
 
+def big_file(path: Path) -> Path:
+    """768 MiB of data (one random MiB, rotated): long enough to interrupt an upload in
+    the middle, quick to write."""
+    with path.open("wb") as f:
+        block = os.urandom(MiB)
+        for i in range(768):
+            f.write(block[i % 7 :] + block[: i % 7])
+    return path
+
+
 def sparse_file(path: Path, size: int, data: list[tuple[int, bytes]]) -> Path:
     with path.open("wb") as f:
         f.truncate(size)
@@ -137,11 +147,7 @@ def test_the_upload_waits_for_a_server_killed_midway(tmp_path, connections):
     srv = ServerProcess(state).start()
     try:
         env = env_for(srv, tmp_path)
-        disk = tmp_path / "big.raw"
-        with disk.open("wb") as f:
-            block = os.urandom(MiB)
-            for i in range(768):
-                f.write(block[i % 7 :] + block[: i % 7])
+        disk = big_file(tmp_path / "big.raw")
         client = subprocess.Popen(
             [sys.executable, "-m", "transfer", "upload", str(disk), "--sr", local_sr(srv.url),
              "--json", "--connections", str(connections)],
@@ -208,11 +214,7 @@ def test_ctrl_c_cancels_an_upload_in_parts(server, tmp_path):
     """Every part stops, the task ends cancelled (not left cancelling, nor pending), and the
     VDI the client made for the upload goes."""
     env = env_for(server, tmp_path)
-    disk = tmp_path / "big.raw"
-    with disk.open("wb") as f:
-        block = os.urandom(MiB)
-        for i in range(768):
-            f.write(block[i % 7 :] + block[: i % 7])
+    disk = big_file(tmp_path / "big.raw")
     before = {v["uuid"] for v in api(f"{server.url}/vdis")[1]}
     client = subprocess.Popen(
         [sys.executable, "-m", "transfer", "upload", str(disk), "--sr", local_sr(server.url),

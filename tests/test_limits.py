@@ -18,6 +18,7 @@ from tests.rawclient import (
     api,
     create_vdi,
     curl_upload,
+    filled_vdi,
     new_task,
     task,
 )
@@ -36,15 +37,6 @@ def stopper():
     for srv in servers:
         if srv.proc and srv.proc.poll() is None:
             srv.stop()
-
-
-def filled_vdi(url: str, tmp_path, size: int = 64 * MiB) -> str:
-    vdi = create_vdi(url, size)
-    body = tmp_path / "fill.raw"
-    body.write_bytes(os.urandom(size))
-    status, _, err = curl_upload(f"{url}/import_raw_vdi?vdi={vdi['uuid']}", "-T", str(body))
-    assert status == 200, err
-    return vdi["uuid"]
 
 
 def stalled_export(url: str, vdi: str, auth: str = AUTH_HEADER) -> RawRequest:
@@ -174,8 +166,10 @@ def test_an_upload_that_goes_silent_is_cut(tmp_path, stopper, resumable):
     assert "bytes_in=5000" in lines
 
 
-def test_a_reader_that_takes_nothing_is_cut_and_writers_go_ahead(tmp_path, stopper):
-    srv = start(tmp_path, idle_timeout="2").start()
+def cut_reader(tmp_path, stopper, **limits: str) -> tuple[str, str, RawRequest, dict]:
+    """A server with `limits`, and an export whose reader takes nothing, cut within 1.5 to
+    8 s: the server's URL, the VDI, the reader, and the export's task once it ended."""
+    srv = start(tmp_path, **limits).start()
     stopper(srv)
     url = srv.url
     vdi = filled_vdi(url, tmp_path)
@@ -183,6 +177,11 @@ def test_a_reader_that_takes_nothing_is_cut_and_writers_go_ahead(tmp_path, stopp
     started = time.monotonic()
     export = wait_status(url, last_task(url, "export_raw_vdi")["uuid"])
     assert 1.5 < time.monotonic() - started < 8
+    return url, vdi, held, export
+
+
+def test_a_reader_that_takes_nothing_is_cut_and_writers_go_ahead(tmp_path, stopper):
+    url, vdi, held, export = cut_reader(tmp_path, stopper, idle_timeout="2")
     assert export["status"] == "failure" and "no byte for 2 s" in export["error_info"][1], export
     body = tmp_path / "w.raw"
     body.write_bytes(os.urandom(MiB))
@@ -213,14 +212,7 @@ def test_slow_readers_do_not_hold_up_the_server(tmp_path, stopper):
 
 
 def test_a_reader_below_the_minimum_rate_is_cut(tmp_path, stopper):
-    srv = start(tmp_path, min_rate="64M", rate_window="2").start()
-    stopper(srv)
-    url = srv.url
-    vdi = filled_vdi(url, tmp_path)
-    held = stalled_export(url, vdi)
-    started = time.monotonic()
-    export = wait_status(url, last_task(url, "export_raw_vdi")["uuid"])
-    assert 1.5 < time.monotonic() - started < 8
+    _, _, held, export = cut_reader(tmp_path, stopper, min_rate="64M", rate_window="2")
     assert "under the minimum of 67108864" in export["error_info"][1], export
     assert drained_to_the_end(held)
 

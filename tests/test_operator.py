@@ -13,7 +13,7 @@ import urllib.request
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import ServerProcess
-from tests.rawclient import AUTH, AUTH_HEADER, api, curl_upload, export_to
+from tests.rawclient import AUTH, AUTH_HEADER, api, curl_upload, export_to, filled_vdi
 
 MiB = 1 << 20
 
@@ -93,11 +93,7 @@ def test_in_flight_and_bytes_move_during_a_transfer(server, tmp_path):
     """While an export is being read slowly, it is in flight, and the counter already holds
     what went out; when it ends, the gauge drops back."""
     url = server.url
-    _, vdi = api(f"{url}/vdis", "POST", {"virtual_size": 64 * MiB})
-    v = vdi["uuid"]
-    body = tmp_path / "disk.raw"
-    body.write_bytes(os.urandom(64 * MiB))
-    assert curl_upload(f"{url}/import_raw_vdi?vdi={v}", "-T", str(body))[0] == 200
+    v = filled_vdi(url, tmp_path)
     request = urllib.request.Request(
         f"{url}/export_raw_vdi?vdi={v}", headers={"Authorization": AUTH_HEADER}
     )
@@ -123,11 +119,7 @@ def test_the_access_log_says_what_crossed_the_connection(tmp_path):
     server = ServerProcess(tmp_path / "state", env={"VDIT_LOG_FORMAT": "json"}).start()
     try:
         url = server.url
-        _, vdi = api(f"{url}/vdis", "POST", {"virtual_size": 64 * MiB})
-        v = vdi["uuid"]
-        body = tmp_path / "disk.raw"
-        body.write_bytes(os.urandom(64 * MiB))
-        assert curl_upload(f"{url}/import_raw_vdi?vdi={v}", "-T", str(body))[0] == 200
+        v = filled_vdi(url, tmp_path)
         export_to(url, v, tmp_path / "out.raw")
         ranged = ["curl", "-sSf", "-u", AUTH, "-r", "0-999", "-o", str(tmp_path / "part.raw")]
         subprocess.run([*ranged, f"{url}/export_raw_vdi?vdi={v}"], check=True)
