@@ -15,7 +15,7 @@ import urllib.parse
 
 from transfer.client.http import BACKOFF_MAX, RETRYABLE, Api, ClientError, error_of
 from transfer.client.progress import Progress
-from transfer.client.source import PIECE, FramedRaw
+from transfer.client.source import FramedRaw, merge, pieces
 
 # A part re-sent at once may find the server still holding its broken connection.
 PART_RETRYABLE = RETRYABLE | {"OTHER_OPERATION_IN_PROGRESS"}
@@ -28,26 +28,16 @@ class Stopped(Exception):
 def split(runs: list[tuple[int, int]], n: int) -> list[list[tuple[int, int]]]:
     """`runs` cut into at most `n` parts of about equal length, each a stretch of the disk,
     cut at PIECE boundaries (as the frames are)."""
-    pieces: list[tuple[int, int]] = []
-    for start, length in runs:
-        pos, end = start, start + length
-        while pos < end:
-            step = min(PIECE - pos % PIECE, end - pos)
-            pieces.append((pos, step))
-            pos += step
-    total = sum(length for _, length in pieces)
+    cut = list(pieces(runs))
+    total = sum(length for _, length in cut)
     if not total:
         return [[]]  # nothing to send: one part with the end of the framing alone
-    parts: list[list[tuple[int, int]]] = [[] for _ in range(n)]
+    groups: list[list[tuple[int, int]]] = [[] for _ in range(n)]
     before = 0
-    for start, length in pieces:
-        runs_of = parts[min(n - 1, before * n // total)]
-        if runs_of and runs_of[-1][0] + runs_of[-1][1] == start:
-            runs_of[-1] = (runs_of[-1][0], runs_of[-1][1] + length)
-        else:
-            runs_of.append((start, length))
+    for start, length in cut:
+        groups[min(n - 1, before * n // total)].append((start, length))
         before += length
-    return [p for p in parts if p] or [[]]
+    return [merge(group, []) for group in groups if group]
 
 
 class PartedUpload:

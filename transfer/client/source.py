@@ -49,6 +49,18 @@ def merge(runs: list[tuple[int, int]], more: list[tuple[int, int]]) -> list[tupl
     return [(s, n) for s, n in out]
 
 
+def pieces(runs: list[tuple[int, int]], from_disk: int = 0) -> Iterator[tuple[int, int]]:
+    """(offset, length) of the runs from disk offset `from_disk` on, cut at PIECE-aligned
+    offsets: the frames an upload sends."""
+    for start, length in runs:
+        end = start + length
+        pos = max(start, from_disk)
+        while pos < end:
+            n = min(PIECE - pos % PIECE, end - pos)
+            yield pos, n
+            pos += n
+
+
 @dataclass
 class Frame:
     """One frame of the stream: where it starts in the stream, and what it carries."""
@@ -75,15 +87,6 @@ class FramedRaw:
     def _needs_zeros(self, start: int, length: int) -> bool:
         return any(s < start + length and start < s + n for s, n in self.must_zero)
 
-    def _pieces(self, from_disk: int) -> Iterator[tuple[int, int]]:
-        for start, length in self.runs:
-            end = start + length
-            pos = max(start, from_disk)
-            while pos < end:
-                n = min(PIECE - pos % PIECE, end - pos)  # pieces aligned to PIECE
-                yield pos, n
-                pos += n
-
     def stream(self, skip: int = 0) -> Iterator[tuple[bytes, int]]:
         """(bytes to send, disk position reached) from stream offset `skip` on."""
         at, from_disk = 0, 0
@@ -94,7 +97,7 @@ class FramedRaw:
                 break
         else:
             self.frames.clear()
-        for offset, length in self._pieces(from_disk):
+        for offset, length in pieces(self.runs, from_disk):
             data = os.pread(self.fd, length, offset)
             if len(data) != length:
                 raise OSError(f"the file shrank while it was read (at byte {offset})")
