@@ -15,10 +15,11 @@ and what a failure leaves behind. It knows nothing of HTTP beyond the body it re
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -373,20 +374,10 @@ class Import(Operation):
                     "INTERNAL_ERROR",
                     f"the checkpoint of task {self.task} at byte {self.resume_offset} is missing",
                 )
-        try:
+        with decoding_errors(lambda: self.bytes, self.expected):
             if self.skip:
                 await _skip(body, self.skip)
             received = await self._stream(body, checkpoint)
-        except OutOfBounds as exc:
-            raise ApiError("VDI_TOO_SMALL", str(exc), exc.size, exc.end) from None
-        except FramingError as exc:
-            raise bad_request(str(exc)) from None
-        except Unsupported as exc:
-            raise ApiError("FORMAT_UNSUPPORTED", str(exc)) from None
-        except FormatError as exc:
-            raise ApiError("IMAGE_INVALID", str(exc)) from None
-        except (ConnectionError, EOFError) as exc:
-            raise short_body(self.bytes, self.expected, exc) from None
         assert self.vdi is not None
         await self.svc.vdis.bump_generation(self.vdi["uuid"])
         if self.params.complete and self.transfer.resumable:
@@ -645,6 +636,28 @@ def _too_small(declared: int, size: int) -> ApiError:
         size,
         declared,
     )
+
+
+@contextlib.contextmanager
+def decoding_errors(
+    received: Callable[[], int], expected: int | None, prefix: str = ""
+) -> Iterator[None]:
+    """What streaming a body through its decoder raises, as the API's errors: a write
+    beyond the disk is VDI_TOO_SMALL, broken framing BAD_REQUEST (`prefix` says whose),
+    what we do not take FORMAT_UNSUPPORTED, a malformed image IMAGE_INVALID, and a body that
+    broke off after `received()` bytes ClientGone."""
+    try:
+        yield
+    except OutOfBounds as exc:
+        raise ApiError("VDI_TOO_SMALL", str(exc), exc.size, exc.end) from None
+    except FramingError as exc:
+        raise bad_request(f"{prefix}{exc}") from None
+    except Unsupported as exc:
+        raise ApiError("FORMAT_UNSUPPORTED", str(exc)) from None
+    except FormatError as exc:
+        raise ApiError("IMAGE_INVALID", str(exc)) from None
+    except (ConnectionError, EOFError) as exc:
+        raise short_body(received(), expected, exc) from None
 
 
 def short_body(received: int, expected: int | None, cause: BaseException | None = None):

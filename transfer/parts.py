@@ -36,7 +36,6 @@ from typing import TYPE_CHECKING
 
 from common.errors import ApiError, ClientGone, bad_request
 from common.logfields import event
-from formats.errors import FormatError, FramingError, OutOfBounds, Unsupported
 from formats.events import Header
 from formats.registry import RAW, wire
 from transfer import imports, pipeline, reserve
@@ -176,22 +175,15 @@ class Part:
 
         decoder = wire(RAW.name, True).decoder(applier.size, None, self.expected)
         try:
-            received = await pipeline.run(
-                decoder, body, applier, on_header, on_received, on_applied, svc.upload_budget
-            )
-            if self.expected is not None and received != self.expected:
-                raise imports.short_body(received, self.expected)
-            await in_thread(applier.flush)
-        except OutOfBounds as exc:
-            raise ApiError("VDI_TOO_SMALL", str(exc), exc.size, exc.end) from None
-        except FramingError as exc:
-            raise bad_request(f"part {self.number}: {exc}") from None
-        except Unsupported as exc:
-            raise ApiError("FORMAT_UNSUPPORTED", str(exc)) from None
-        except FormatError as exc:
-            raise ApiError("IMAGE_INVALID", str(exc)) from None
-        except (ConnectionError, EOFError) as exc:
-            raise imports.short_body(self.received, self.expected, exc) from None
+            with imports.decoding_errors(
+                lambda: self.received, self.expected, f"part {self.number}: "
+            ):
+                received = await pipeline.run(
+                    decoder, body, applier, on_header, on_received, on_applied, svc.upload_budget
+                )
+                if self.expected is not None and received != self.expected:
+                    raise imports.short_body(received, self.expected)
+                await in_thread(applier.flush)
         except OSError as exc:
             if not reserve.is_full(exc):
                 raise
